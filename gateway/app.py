@@ -1,0 +1,66 @@
+"""The app factory: ``create_app(settings)`` builds one self-contained gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from gateway import __version__
+from gateway.api import chat, health, models
+from gateway.cascade import Cascade
+from gateway.config import Settings, load_settings
+from gateway.errors import install_error_handlers
+from gateway.runtime import Runtime
+
+log = logging.getLogger("distill_gateway")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A gateway app for ``settings`` (default: $DISTILL_CONFIG_FILE or embedded defaults)."""
+    settings = settings if settings is not None else load_settings()
+    runtime = Runtime(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = runtime.store
+        try:
+            await asyncio.to_thread(store.ensure_schema)
+        except Exception as exc:  # noqa: BLE001 - serve anyway; records go to the spool
+            log.warning("database not reachable at start-up (%s); records will be spooled "
+                        "until it is", str(exc).splitlines()[0][:200])
+        store.start()
+        for result in runtime.plugins.manager.hook.startup(app=app, settings=settings):
+            if inspect.isawaitable(result):
+                await result
+        log.info("distill-gateway ready: %d task(s): %s", len(runtime.tasks),
+                 ", ".join(runtime.tasks) or "none")
+        try:
+            yield
+        finally:
+            await runtime.aclose()
+            await asyncio.to_thread(store.stop)
+
+    app = FastAPI(
+        title="distill-gateway",
+        version=__version__,
+        summary="OpenAI-compatible gateway that distils the teacher into a student",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.state.cascade = Cascade(runtime)
+    install_error_handlers(app)
+    app.include_router(chat.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` and multi-worker serving: reads $DISTILL_CONFIG_FILE."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return create_app(load_settings())

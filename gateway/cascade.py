@@ -1,0 +1,211 @@
+"""Answering one chat request: today the teacher path (students join in the cascade).
+
+Every answer, error or not, becomes one ExchangeRecord handed to the store without
+waiting; metrics are updated in the same place so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gateway.errors import GatewayError, ModelNotFound
+from gateway.interfaces import InvalidTarget
+from gateway.runtime import Runtime, TaskRuntime
+from gateway.schemas import ChatCompletionRequest
+from gateway.store import ExchangeRecord
+from gateway.teacher import TeacherStream, Usage
+
+log = logging.getLogger("distill_gateway")
+
+
+@dataclass
+class Answer:
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _headers(record: ExchangeRecord) -> dict[str, str]:
+    return {
+        "x-distill-served-by": record.served_by,
+        "x-distill-cost-usd": f"{record.cost_usd:.8f}",
+        "x-distill-request-id": record.id,
+    }
+
+
+class Cascade:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.metrics = runtime.metrics
+        self.store = runtime.store
+
+    def resolve(self, request: ChatCompletionRequest) -> TaskRuntime:
+        runtime = self.runtime.resolve(request.model)
+        if runtime is None:
+            raise ModelNotFound(request.model)
+        if runtime.name is None:
+            log.info("pass-through model %r sent to the default teacher", request.model)
+        return runtime
+
+    def _new_record(
+        self, request: ChatCompletionRequest, body: dict[str, Any], task: TaskRuntime
+    ) -> ExchangeRecord:
+        return ExchangeRecord(
+            model=request.model,
+            task=task.name,
+            request=body,
+            served_by="teacher",
+            status=200,
+            stream=request.stream,
+            task_input=task.task.task_input(request),
+        )
+
+    async def complete(
+        self, request: ChatCompletionRequest, body: dict[str, Any], started: float
+    ) -> Answer:
+        task = self.resolve(request)
+        record = self._new_record(request, body, task)
+        try:
+            result = await task.teacher.complete(request.message_dicts(), request.teacher_params())
+        except GatewayError as exc:
+            self._finish_error(record, task, exc, started)
+            raise
+        response = result.response
+        response["model"] = request.model
+        record.teacher_model = result.model
+        record.response = response
+        record.upstream_ms = result.upstream_ms
+        self._judge(record, task, _first_content(response))
+        self._finish(record, task, result.usage, started)
+        return Answer(response, _headers(record))
+
+    async def open_stream(
+        self, request: ChatCompletionRequest, body: dict[str, Any], started: float
+    ) -> tuple[AsyncIterator[bytes], dict[str, str]]:
+        """Open the teacher's stream (errors before the first byte are plain HTTP errors),
+        then return the SSE byte stream and the response headers."""
+        task = self.resolve(request)
+        record = self._new_record(request, body, task)
+        try:
+            stream = await task.teacher.stream(request.message_dicts(), request.teacher_params())
+        except GatewayError as exc:
+            self._finish_error(record, task, exc, started)
+            raise
+        record.teacher_model = stream.model
+        include_usage = bool((request.stream_options or {}).get("include_usage"))
+        headers = _headers(record)
+        # Cost is only known at the end of a stream; the header says so honestly.
+        headers["x-distill-cost-usd"] = "pending"
+        return self._sse(stream, record, task, request.model, include_usage, started), headers
+
+    async def _sse(
+        self,
+        stream: TeacherStream,
+        record: ExchangeRecord,
+        task: TaskRuntime,
+        model: str,
+        include_usage: bool,
+        started: float,
+    ) -> AsyncIterator[bytes]:
+        finish_reason = None
+        response_id = None
+        try:
+            async for chunk in stream.chunks():
+                response_id = response_id or chunk.get("id")
+                chunk["model"] = model
+                for choice in chunk.get("choices", ()):
+                    finish_reason = choice.get("finish_reason") or finish_reason
+                if not include_usage:
+                    if not chunk.get("choices"):
+                        continue  # the usage-only chunk we asked for on our own behalf
+                    chunk.pop("usage", None)
+                yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+        except GatewayError as exc:
+            record.error = exc.message
+            record.status = exc.status_code
+            yield b"data: " + orjson.dumps(exc.body()) + b"\n\n"
+        finally:
+            # Runs on normal end, on teacher errors and when the client goes away.
+            content = "".join(stream.content)
+            record.upstream_ms = stream.upstream_ms
+            record.response = {
+                "id": response_id,
+                "object": "chat.completion",
+                "model": model,
+                "choices": [{"index": 0, "finish_reason": finish_reason,
+                             "message": {"role": "assistant", "content": content}}],
+                "usage": {"prompt_tokens": stream.usage.prompt_tokens,
+                          "completion_tokens": stream.usage.completion_tokens,
+                          "total_tokens": stream.usage.prompt_tokens
+                          + stream.usage.completion_tokens},
+            }
+            if record.status == 200 and finish_reason is None:
+                record.error = record.error or "stream ended early (client disconnected?)"
+            if record.status == 200:
+                self._judge(record, task, content)
+            self._finish(record, task, stream.usage, started)
+        yield b"data: [DONE]\n\n"
+
+    # -- bookkeeping -------------------------------------------------------------------
+    def _judge(self, record: ExchangeRecord, task: TaskRuntime, answer: str | None) -> None:
+        """Normalise the teacher's answer into the task's target (or mark it invalid)."""
+        record.answer = answer
+        if answer is None:
+            record.target_valid = False
+            return
+        try:
+            record.target = task.task.parse_target(answer)
+            record.target_valid = True
+        except InvalidTarget as exc:
+            record.target_valid = False
+            record.error = f"invalid target: {exc}"
+            self.metrics.invalid_targets.labels(task.metric_label).inc()
+
+    def _finish(
+        self, record: ExchangeRecord, task: TaskRuntime, usage: Usage, started: float
+    ) -> None:
+        record.prompt_tokens = usage.prompt_tokens
+        record.completion_tokens = usage.completion_tokens
+        record.cost_usd = usage.cost_usd
+        record.latency_ms = (time.perf_counter() - started) * 1000
+        label = task.metric_label
+        m = self.metrics
+        m.requests.labels(label, record.served_by, str(record.status)).inc()
+        m.latency.labels(label, record.served_by).observe(record.latency_ms / 1000)
+        m.overhead.labels(label, record.served_by).observe(
+            max(0.0, record.latency_ms - record.upstream_ms) / 1000
+        )
+        if record.teacher_model is not None:
+            m.teacher_tokens.labels(label, record.teacher_model, "prompt").inc(usage.prompt_tokens)
+            m.teacher_tokens.labels(label, record.teacher_model, "completion").inc(
+                usage.completion_tokens
+            )
+            m.teacher_cost.labels(label, record.teacher_model).inc(usage.cost_usd)
+        if record.status >= 400:  # a stream that broke off after it started
+            m.errors.labels(label, "upstream_error").inc()
+        self.store.submit(record)
+
+    def _finish_error(
+        self, record: ExchangeRecord, task: TaskRuntime, exc: GatewayError, started: float
+    ) -> None:
+        record.status = exc.status_code
+        record.error = exc.message
+        record.latency_ms = (time.perf_counter() - started) * 1000
+        record.upstream_ms = record.latency_ms  # all of it was spent on the teacher
+        m = self.metrics
+        m.requests.labels(task.metric_label, record.served_by, str(record.status)).inc()
+        m.errors.labels(task.metric_label, exc.error_type).inc()
+        self.store.submit(record)
+
+
+def _first_content(response: dict[str, Any]) -> str | None:
+    choices = response.get("choices") or []
+    if not choices:
+        return None
+    content = (choices[0].get("message") or {}).get("content")
+    return content if isinstance(content, str) else None

@@ -1,0 +1,120 @@
+"""The ``distill-gateway`` command."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+app = typer.Typer(
+    name="distill-gateway",
+    help="OpenAI-compatible gateway that answers with a distilled student and falls back "
+    "to the teacher.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config file (default: embedded defaults)",
+                 exists=False, dir_okay=False),
+]
+
+
+def _load(config: Path | None):  # type: ignore[no-untyped-def]
+    from gateway.config import ConfigError, load_settings
+    from gateway.plugins import PluginError, load_plugins
+    from gateway.runtime import build_tasks
+
+    try:
+        settings = load_settings(config)
+        plugins = load_plugins(settings.plugins)
+        build_tasks(settings, plugins)
+    except (ConfigError, PluginError) as exc:
+        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+    return settings, plugins
+
+
+@app.command("check-config")
+def check_config(path: Annotated[Path, typer.Argument(help="YAML config file")]) -> None:
+    """Validate a config file (keys, types, task plugins and their options)."""
+    settings, plugins = _load(path)
+    table = Table(title=f"{path}: valid", show_lines=False)
+    table.add_column("task")
+    table.add_column("plugin")
+    table.add_column("teacher")
+    for name, task in settings.tasks.items():
+        teacher = task.teacher or settings.default_teacher
+        chain = " → ".join(t.model for t in teacher.chain()) if teacher else "-"
+        table.add_row(name, task.plugin, chain)
+    if settings.default_teacher is not None:
+        table.add_row("(pass-through)", "passthrough", settings.default_teacher.model)
+    Console().print(table)
+    Console().print(f"database: {_redact(settings.database)}   artifacts: {settings.artifacts}")
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    host: Annotated[str | None, typer.Option(help="bind address (default from config)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default from config)")] = None,
+    workers: Annotated[int | None, typer.Option(help="worker processes")] = None,
+    access_log: Annotated[bool, typer.Option(help="log every request")] = False,
+) -> None:
+    """Serve the gateway with uvicorn (uvloop + httptools)."""
+    import uvicorn
+
+    settings, _ = _load(config)
+    if config is not None:
+        os.environ["DISTILL_CONFIG_FILE"] = str(config.resolve())
+    server = settings.server
+    workers = workers or server.workers
+    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        console.print("note: several workers; set PROMETHEUS_MULTIPROC_DIR to aggregate metrics")
+    uvicorn.run(
+        "gateway.app:app_from_env",
+        factory=True,
+        host=host or server.host,
+        port=port if port is not None else server.port,
+        workers=workers,
+        loop="uvloop",
+        http="httptools",
+        log_level=server.log_level,
+        access_log=access_log,
+        timeout_graceful_shutdown=30,
+    )
+
+
+@app.command()
+def demo(
+    requests: Annotated[int, typer.Option(help="requests to send before serving on")] = 8,
+    port: Annotated[int, typer.Option(help="gateway port")] = 8000,
+    keep_serving: Annotated[bool, typer.Option(help="keep serving after the requests")] = True,
+) -> None:
+    """Start the gateway on the embedded defaults with a local teacher and send requests."""
+    from gateway.demo import run_demo
+
+    run_demo(requests=requests, port=port, keep_serving=keep_serving)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

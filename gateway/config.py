@@ -1,0 +1,261 @@
+"""Configuration: one YAML file, validated with pydantic, overridden by ``DISTILL_*`` variables.
+
+Precedence, highest first: keyword arguments, environment (``DISTILL_DATABASE``,
+``DISTILL_TASKS__SUPPORT_INTENTS__TEACHER__MODEL`` …), the YAML file, the defaults.
+Unknown keys are errors, and every error names the dotted path of the bad key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_DATABASE = "sqlite:///./distill.db"
+CONFIG_ENV_VAR = "DISTILL_CONFIG_FILE"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not validate; the message names each bad key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PriceConfig(_Strict):
+    """USD per million tokens; overrides litellm's price map for this teacher."""
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+
+class TeacherEndpoint(_Strict):
+    """One teacher model reached through litellm."""
+
+    model: str = Field(min_length=1, description="any litellm model string, e.g. openai/gpt-4o")
+    api_base: str | None = None
+    api_key: SecretStr | None = None
+    api_key_env: str | None = None
+    timeout_s: float = Field(default=30.0, gt=0)
+    num_retries: int = Field(default=2, ge=0, le=10)
+    price: PriceConfig | None = None
+    transport: Literal["auto", "litellm", "http"] = Field(
+        default="auto", description="auto: direct HTTP for OpenAI-compatible endpoints, "
+        "litellm.acompletion for every other provider"
+    )
+    extra_params: dict[str, Any] = Field(
+        default_factory=dict, description="extra keyword arguments for litellm.acompletion"
+    )
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> TeacherEndpoint:
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("give either api_key or api_key_env, not both")
+        return self
+
+    def resolve_api_key(self) -> str | None:
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_env is not None:
+            return os.environ.get(self.api_key_env)
+        return None
+
+
+class TeacherConfig(TeacherEndpoint):
+    """The primary teacher plus fallback teachers of the same shape, tried in order."""
+
+    fallbacks: list[TeacherEndpoint] = Field(default_factory=list)
+
+    def chain(self) -> list[TeacherEndpoint]:
+        return [self, *self.fallbacks]
+
+
+class TaskConfig(_Strict):
+    plugin: str = Field(min_length=1, description="name of a registered task plugin")
+    teacher: TeacherConfig | None = Field(
+        default=None, description="defaults to default_teacher when omitted"
+    )
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1)
+    max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+
+class StoreConfig(_Strict):
+    queue_size: int = Field(default=10_000, gt=0, description="records held in memory")
+    batch_size: int = Field(default=256, gt=0)
+    flush_interval_ms: int = Field(default=50, gt=0)
+    spool_dir: str | None = Field(
+        default=None, description="where records wait while the database is down; "
+        "defaults to <artifacts>/spool"
+    )
+    retry_interval_s: float = Field(default=1.0, gt=0)
+    run_migrations: bool = True
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="DISTILL_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    database: str = DEFAULT_DATABASE
+    artifacts: str = "./artifacts"
+    default_teacher: TeacherConfig | None = None
+    tasks: dict[str, TaskConfig] = Field(default_factory=dict)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="extra plugin modules to load by import path, beside the entry points",
+    )
+
+    @field_validator("database")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("expected a sqlite:/// or postgresql+psycopg:// URL")
+        if value.startswith("postgresql://") or value.startswith("postgres://"):
+            # psycopg 3 is the driver we ship; make the short form work.
+            value = "postgresql+psycopg://" + value.split("://", 1)[1]
+        return value
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, value: dict[str, TaskConfig]) -> dict[str, TaskConfig]:
+        for name in value:
+            if not name or name.strip() != name or "/" in name:
+                raise ValueError(f"task name {name!r} must be non-empty, without spaces or '/'")
+        return value
+
+    @property
+    def spool_dir(self) -> Path:
+        return Path(self.store.spool_dir or Path(self.artifacts) / "spool")
+
+    def teacher_for(self, task: str) -> TeacherConfig | None:
+        config = self.tasks[task]
+        return config.teacher or self.default_teacher
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file is passed as init kwargs by load_settings; env must win over it.
+        return env_settings, init_settings
+
+
+def _format_location(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("function-after", "function-before") or str(item).startswith(
+            ("function-", "constrained-")
+        ):
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+def _expected_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """The keys allowed where an unknown key was found, for a helpful error."""
+    current: Any = model
+    for item in loc[:-1]:
+        current = _strip_optional(current)
+        origin = get_origin(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(item))
+            if field is None:
+                return None
+            current = field.annotation
+        elif origin is dict:
+            current = get_args(current)[1]  # item is the key
+        elif origin is list:
+            current = get_args(current)[0]  # item is the index
+        else:
+            return None
+    current = _strip_optional(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(current.model_fields)
+    return None
+
+
+def _strip_optional(annotation: Any) -> Any:
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) in (Union, UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def format_validation_error(
+    error: ValidationError,
+    model: type[BaseModel] = Settings,
+    prefix: tuple[str, ...] = (),
+) -> str:
+    """One line per error, each naming the dotted path of the key (under ``prefix``)."""
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        where = _format_location(prefix + loc)
+        if item["type"] == "extra_forbidden":
+            expected = _expected_keys(model, loc)
+            hint = f" (expected one of: {', '.join(expected)})" if expected else ""
+            lines.append(f"{where}: unknown key{hint}")
+            continue
+        message = item["msg"]
+        value = item.get("input")
+        shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
+        lines.append(f"{where}: {message}{shown}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read the YAML file at ``path`` (or $DISTILL_CONFIG_FILE), apply env overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is None:
+        path = os.environ.get(CONFIG_ENV_VAR) or None
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {file}")
+        try:
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{file}: expected a mapping at the top level")
+        data = loaded
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None

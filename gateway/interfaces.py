@@ -1,0 +1,110 @@
+"""The objects plugins register: tasks, filters and trainers.
+
+The core owns the names (plugins hand objects to a ``register`` callback) and calls only
+the methods below, so a third-party plugin needs nothing but these base classes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from gateway.schemas import ChatCompletionRequest
+
+
+class NoOptions(BaseModel):
+    """Options model for plugins that take none: any key is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InvalidTarget(ValueError):
+    """The teacher's answer cannot be turned into a target for this task."""
+
+
+class Task(ABC):
+    """A narrow task: what the student learns and how teacher answers are judged.
+
+    Subclasses set ``Options`` to a pydantic model of their ``options:`` config block;
+    the core validates the block and passes the parsed model to ``__init__``.
+    """
+
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, name: str, options: BaseModel) -> None:
+        self.name = name
+        self.options = options
+
+    @abstractmethod
+    def task_input(self, request: ChatCompletionRequest) -> str:
+        """The text the student sees for this chat request."""
+
+    @abstractmethod
+    def parse_target(self, answer: str) -> Any:
+        """Normalise a teacher answer into a JSON-serialisable target; raise InvalidTarget."""
+
+    @abstractmethod
+    def render(self, target: Any) -> str:
+        """The assistant message content for a target (what the teacher would have said)."""
+
+    def agree(self, a: Any, b: Any) -> bool:
+        """Whether two targets count as the same answer."""
+        return bool(a == b)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One curated training example: the task input and the teacher's target."""
+
+    input: str
+    target: Any
+    source_id: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Filter(ABC):
+    """Decides whether (and in what form) a logged example enters the training set."""
+
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, options: BaseModel) -> None:
+        self.options = options
+
+    @abstractmethod
+    def apply(self, example: Example, task: Task) -> Example | None:
+        """Return the example (possibly changed) to keep it, or None to drop it."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    target: Any
+    confidence: float
+
+
+class Student(ABC):
+    """A trained artifact that predicts a target with a confidence for a batch of inputs."""
+
+    @abstractmethod
+    def predict(self, inputs: list[str]) -> list[Prediction]: ...
+
+
+class Trainer(ABC):
+    """Trains a student from examples into an artifact directory, and loads it back."""
+
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, options: BaseModel) -> None:
+        self.options = options
+
+    @abstractmethod
+    def train(self, examples: list[Example], task: Task, out_dir: Path) -> dict[str, Any]:
+        """Write the artifact into ``out_dir``; return training figures for the registry."""
+
+    @abstractmethod
+    def load(self, artifact_dir: Path, task: Task) -> Student:
+        """Load an artifact written by ``train``."""

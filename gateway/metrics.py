@@ -1,0 +1,97 @@
+"""Prometheus metrics, one registry per app (several apps can live in one process).
+
+With several workers per replica, set PROMETHEUS_MULTIPROC_DIR and /metrics aggregates
+the workers' files (prometheus-client's multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from gateway.store import TrafficStore
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_OVERHEAD_BUCKETS = (0.0002, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "distill_requests", "Chat requests answered.", ["task", "served_by", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "distill_request_latency_seconds", "Time from request to full response.",
+            ["task", "served_by"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.overhead = Histogram(
+            "distill_gateway_overhead_seconds",
+            "Latency the gateway adds: request latency minus time waiting on the teacher.",
+            ["task", "served_by"], buckets=_OVERHEAD_BUCKETS, registry=r,
+        )
+        self.teacher_tokens = Counter(
+            "distill_teacher_tokens", "Tokens billed by teachers.", ["task", "model", "kind"],
+            registry=r,
+        )
+        self.teacher_cost = Counter(
+            "distill_teacher_cost_usd", "Teacher cost in USD.", ["task", "model"], registry=r,
+        )
+        self.teacher_attempts = Counter(
+            "distill_teacher_attempts", "Calls to teacher models, by outcome.",
+            ["task", "model", "outcome"], registry=r,
+        )
+        self.errors = Counter(
+            "distill_errors", "Errors answered to clients, by OpenAI error type.",
+            ["task", "type"], registry=r,
+        )
+        self.invalid_targets = Counter(
+            "distill_invalid_teacher_answers",
+            "Teacher answers the task could not parse into a target.", ["task"], registry=r,
+        )
+
+    def watch_store(self, store: TrafficStore) -> None:
+        self.registry.register(_StoreCollector(store))
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _StoreCollector(Collector):
+    """Reads the writer's counters at scrape time, so the hot path pays nothing."""
+
+    def __init__(self, store: TrafficStore) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        s = self._store
+        yield GaugeMetricFamily(
+            "distill_store_queue_depth", "Records waiting for the writer.", value=s.queue_depth
+        )
+        for name, doc, value in (
+            ("distill_store_written", "Records inserted into the database.", s.written),
+            ("distill_store_spooled", "Records written to the spool file.", s.spooled),
+            ("distill_store_replayed", "Spooled records replayed into the database.", s.replayed),
+            ("distill_store_db_errors", "Failed database writes.", s.db_errors),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)

@@ -1,0 +1,107 @@
+"""What one app holds: settings, plugins, the configured tasks, the store and the metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from gateway.config import ConfigError, Settings, TeacherConfig, format_validation_error
+from gateway.interfaces import Task
+from gateway.metrics import GatewayMetrics
+from gateway.plugins import Plugins, load_plugins
+from gateway.store import ExchangeRecord, TrafficStore
+from gateway.teacher import TeacherClient
+
+PASSTHROUGH_TASK = "passthrough"
+
+
+@dataclass
+class TaskRuntime:
+    """A configured task: its plugin object and its teacher client."""
+
+    name: str | None  # None for pass-through traffic (a model name that is not a task)
+    task: Task
+    teacher: TeacherClient
+    metric_label: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Pass-through model names are client-chosen: one label keeps cardinality bounded.
+        self.metric_label = self.name if self.name is not None else "(passthrough)"
+
+
+def build_tasks(
+    settings: Settings, plugins: Plugins, metrics: GatewayMetrics | None = None
+) -> tuple[dict[str, TaskRuntime], TaskRuntime | None]:
+    """Instantiate every configured task; errors name the config key that is wrong."""
+
+    def teacher_client(name: str, config: TeacherConfig) -> TeacherClient:
+        if metrics is None:
+            return TeacherClient(config)
+        attempts = metrics.teacher_attempts
+
+        def on_attempt(model: str, outcome: str) -> None:
+            attempts.labels(name, model, outcome).inc()
+
+        return TeacherClient(config, on_attempt=on_attempt)
+
+    tasks: dict[str, TaskRuntime] = {}
+    for name, config in settings.tasks.items():
+        try:
+            task_class = plugins.tasks.get(config.plugin)
+        except KeyError as exc:
+            raise ConfigError(f"invalid configuration:\n  tasks.{name}.plugin: {exc.args[0]}") from None
+        try:
+            options = task_class.Options.model_validate(config.options)
+        except ValidationError as exc:
+            raise ConfigError(
+                format_validation_error(exc, task_class.Options, ("tasks", name, "options"))
+            ) from None
+        teacher = config.teacher or settings.default_teacher
+        if teacher is None:
+            raise ConfigError(
+                f"invalid configuration:\n  tasks.{name}.teacher: required when no "
+                "default_teacher is configured"
+            )
+        tasks[name] = TaskRuntime(name, task_class(name, options), teacher_client(name, teacher))
+
+    passthrough = None
+    if settings.default_teacher is not None:
+        task_class = plugins.tasks.get(PASSTHROUGH_TASK)
+        task = task_class(PASSTHROUGH_TASK, task_class.Options())
+        passthrough = TaskRuntime(
+            None, task, teacher_client("(passthrough)", settings.default_teacher)
+        )
+    return tasks, passthrough
+
+
+class Runtime:
+    """Per-app state, built by create_app and reached through FastAPI dependencies."""
+
+    def __init__(self, settings: Settings, plugins: Plugins | None = None) -> None:
+        self.settings = settings
+        self.plugins = plugins or load_plugins(settings.plugins)
+        self.metrics = GatewayMetrics()
+        self.tasks, self.passthrough = build_tasks(settings, self.plugins, self.metrics)
+        hook = self.plugins.manager.hook
+
+        def recorded(record: ExchangeRecord) -> None:
+            hook.exchange_recorded(record=record)
+
+        self.store = TrafficStore(
+            settings.database, settings.spool_dir, settings.store, on_recorded=recorded
+        )
+        self.metrics.watch_store(self.store)
+
+    def resolve(self, model: str) -> TaskRuntime | None:
+        """The task a request's ``model`` names, else pass-through, else None."""
+        runtime = self.tasks.get(model)
+        return runtime if runtime is not None else self.passthrough
+
+    async def aclose(self) -> None:
+        """Close the teachers' connection pools."""
+        clients = [t.teacher for t in self.tasks.values()]
+        if self.passthrough is not None:
+            clients.append(self.passthrough.teacher)
+        for client in clients:
+            await client.close()

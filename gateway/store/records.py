@@ -1,0 +1,57 @@
+"""One recorded exchange: what was asked, who answered, what it cost."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class ExchangeRecord:
+    """A row of the ``exchanges`` table. ``id`` is made at request time, so replaying a
+    spool file after a crash inserts each exchange exactly once."""
+
+    model: str  # the model name the client asked for
+    task: str | None  # the configured task, None for pass-through traffic
+    request: dict[str, Any]  # messages and client parameters as sent
+    served_by: str  # "teacher" or "student"
+    status: int  # HTTP status given to the client
+    id: str = field(default_factory=new_id)
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    kind: str = "request"  # "request", or "audit" for sampled student answers checked later
+    stream: bool = False
+    task_input: str | None = None
+    teacher_model: str | None = None
+    response: dict[str, Any] | None = None
+    answer: str | None = None  # the assistant text given to the client
+    target: Any = None  # the task's normalised target of the teacher answer
+    target_valid: bool | None = None
+    student_version: str | None = None
+    student_target: Any = None
+    student_confidence: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    upstream_ms: float = 0.0
+    error: str | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["created_at"] = self.created_at.isoformat()
+        return row
+
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any]) -> ExchangeRecord:
+        data = dict(data)
+        data["created_at"] = datetime.fromisoformat(data["created_at"])
+        return cls(**data)

@@ -1,0 +1,38 @@
+"""SQLAlchemy table definitions; the schema itself is created by the Alembic migrations."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+exchanges = sa.Table(
+    "exchanges",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("model", sa.String(256), nullable=False),
+    sa.Column("task", sa.String(128), nullable=True),
+    sa.Column("stream", sa.Boolean, nullable=False),
+    sa.Column("served_by", sa.String(16), nullable=False),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("request", sa.JSON(none_as_null=True), nullable=False),
+    sa.Column("task_input", sa.Text, nullable=True),
+    sa.Column("teacher_model", sa.String(256), nullable=True),
+    sa.Column("response", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("answer", sa.Text, nullable=True),
+    sa.Column("target", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("target_valid", sa.Boolean, nullable=True),
+    sa.Column("student_version", sa.String(64), nullable=True),
+    sa.Column("student_target", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("student_confidence", sa.Float, nullable=True),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False),
+    sa.Column("completion_tokens", sa.Integer, nullable=False),
+    sa.Column("cost_usd", sa.Float, nullable=False),
+    sa.Column("latency_ms", sa.Float, nullable=False),
+    sa.Column("upstream_ms", sa.Float, nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Index("ix_exchanges_task_created", "task", "created_at"),
+    sa.Index("ix_exchanges_model_created", "model", "created_at"),
+)

@@ -1,0 +1,1 @@
+"""Test helpers: a fast local OpenAI-compatible teacher server."""

@@ -1,0 +1,71 @@
+"""`distill-gateway serve` as a user runs it: a real process with uvloop and httptools."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+from gateway.testing.teacher_server import TeacherServer
+from tests.servers import free_port
+
+
+def test_serve_command(tmp_path: Path, teacher: TeacherServer) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"database: sqlite:///{tmp_path / 'd.db'}\n"
+        f"artifacts: {tmp_path / 'artifacts'}\n"
+        "default_teacher:\n"
+        f"  model: openai/teacher-model\n  api_base: {teacher.url}\n  api_key: sk-x\n"
+        "tasks:\n  support-intents: {plugin: classify}\n"
+    )
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    process = subprocess.Popen(
+        [str(bin_dir / "distill-gateway"), "serve", "--config", str(config), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "gateway did not start"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        answer = client.chat.completions.create(
+            model="support-intents", messages=[{"role": "user", "content": "ping"}])
+        assert answer.choices[0].message.content == "echo: ping"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=40)[0].decode()
+    # uvicorn re-raises the signal it handled once the graceful shutdown is done
+    assert process.returncode in (0, -signal.SIGTERM), output
+    assert "Application shutdown complete" in output
+    assert "sk-x" not in output
+    # the graceful shutdown drained the record into the database
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'd.db'}")
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM exchanges")).scalar_one() == 1
+
+
+def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("server: {port: lots}\n")
+    bin_dir = Path(sys.executable).parent
+    result = subprocess.run([str(bin_dir / "distill-gateway"), "serve", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "server.port" in result.stderr
