@@ -30,7 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = runtime.store
         try:
             await asyncio.to_thread(store.ensure_schema)
-        except Exception as exc:  # noqa: BLE001 - serve anyway; records go to the spool
+        except Exception as exc:
             log.warning("database not reachable at start-up (%s); records will be spooled "
                         "until it is", str(exc).splitlines()[0][:200])
         store.start()

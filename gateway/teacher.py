@@ -53,7 +53,7 @@ def resolve_price(endpoint: TeacherEndpoint) -> Price:
                                            completion_tokens=0)
         _, completion = litellm.cost_per_token(model=endpoint.model, prompt_tokens=0,
                                                completion_tokens=1_000_000)
-    except Exception:  # noqa: BLE001 - a model missing from the price map
+    except Exception:
         if endpoint.model in _UNPRICED:
             return Price(0.0, 0.0)
         _UNPRICED.add(endpoint.model)

@@ -25,7 +25,7 @@ import orjson
 from gateway.config import TeacherEndpoint
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch prices at import
-import litellm  # noqa: E402
+import litellm
 
 litellm.suppress_debug_info = True
 logging.getLogger("LiteLLM").setLevel(logging.WARNING)
@@ -226,7 +226,7 @@ class LiteLLMTransport:
             response = await asyncio.wait_for(
                 litellm.acompletion(**self._kwargs(messages, params)),
                 timeout=self.endpoint.timeout_s + 1.0)  # in case a provider ignores timeout
-        except Exception as exc:  # noqa: BLE001 - classified for the retry loop
+        except Exception as exc:
             raise _from_litellm(exc) from None
         return _plain(response.model_dump(exclude_none=True))
 
@@ -237,7 +237,7 @@ class LiteLLMTransport:
         try:
             stream = await asyncio.wait_for(litellm.acompletion(**kwargs),
                                             timeout=self.endpoint.timeout_s + 1.0)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _from_litellm(exc) from None
         return self._events(stream)
 
@@ -245,7 +245,7 @@ class LiteLLMTransport:
         try:
             async for chunk in stream:
                 yield _plain(chunk.model_dump(exclude_none=True))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _from_litellm(exc) from None
 
     async def close(self) -> None:
@@ -258,7 +258,7 @@ def make_transport(endpoint: TeacherEndpoint) -> Transport:
     try:
         model, provider, _, api_base = litellm.get_llm_provider(
             model=endpoint.model, api_base=endpoint.api_base)
-    except Exception:  # noqa: BLE001 - litellm decides at call time and explains there
+    except Exception:
         provider, model, api_base = "", endpoint.model, None
     if provider == "openai" and not api_base:
         api_base = os.environ.get("OPENAI_BASE_URL") or OPENAI_DEFAULT_BASE

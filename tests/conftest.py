@@ -71,7 +71,7 @@ def postgres_admin() -> sa.Engine:
     try:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         pytest.fail(f"the Postgres server at {PG_ADMIN_URL} is required: {exc}")
     return engine
 

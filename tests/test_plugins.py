@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import re
 import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +13,8 @@ import pytest
 
 from gateway import hookspecs
 from gateway.app import create_app
-from gateway.plugins import PluginError, Registry, load_plugins
 from gateway.interfaces import Task
+from gateway.plugins import PluginError, Registry, load_plugins
 from gateway.testing.teacher_server import TeacherServer
 from tests.conftest import make_settings
 from tests.servers import GatewayServer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse

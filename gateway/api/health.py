@@ -22,7 +22,7 @@ async def readyz(runtime: RuntimeDep) -> Response:
     store = runtime.store
     try:
         await asyncio.wait_for(asyncio.to_thread(store.ping), timeout=5.0)
-    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+    except Exception as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         return JSONResponse(
             {"status": "unavailable", "store": "unreachable", "reason": reason,

@@ -127,7 +127,7 @@ class TrafficStore:
     def _run(self) -> None:
         try:
             self._try_replay()
-        except Exception:  # noqa: BLE001 - the writer thread must not die
+        except Exception:
             log.exception("store writer: first replay failed")
         stopping = False
         while not stopping:
@@ -139,7 +139,7 @@ class TrafficStore:
                     self._store(batch)
                 if time.monotonic() >= self._db_down_until and self.spool.has_backlog():
                     self._try_replay()
-            except Exception:  # noqa: BLE001 - never lose a record to an unexpected error
+            except Exception:
                 log.exception("store writer: unexpected error; spooling the batch")
                 self._spool_batch(batch)
             finally:
@@ -230,5 +230,5 @@ class TrafficStore:
         for record in records:
             try:
                 self._on_recorded(record)
-            except Exception:  # noqa: BLE001 - a plugin must not break recording
+            except Exception:
                 log.exception("exchange_recorded hook failed")
