@@ -98,8 +98,13 @@ class Procs:
     items: list[Proc] = field(default_factory=list)
 
     def start(
-        self, name: str, cmd: list[str], log_dir: Path, env: dict[str, str] | None = None
+        self,
+        name: str,
+        cmd: list[str],
+        log_dir: Path,
+        env: dict[str, str | None] | None = None,
     ) -> Proc:
+        """Start ``cmd`` in its own session; ``env`` entries set to None are removed."""
         log = log_dir / f"{name}.log"
         fh = log.open("wb")
         popen = subprocess.Popen(
@@ -108,7 +113,7 @@ class Procs:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=ROOT,
-            env={**os.environ, **(env or {})},
+            env={k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None},
             start_new_session=True,
         )
         fh.close()
@@ -256,7 +261,7 @@ def run_wrk(
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     sock = re.search(r"Socket errors: (.*)", out)
     lat = {
-        f"p{p}": _wrk_latency_ms(m.group(1))
+        f"p{p}": round(_wrk_latency_ms(m.group(1)), 4)
         for p, m in (
             (p, re.search(rf"^\s+{p}%\s+(\S+)", out, re.M)) for p in ("50", "75", "90", "99")
         )
@@ -374,13 +379,47 @@ general_settings: {{}}
     return cfg
 
 
+_PROXY_REQS_SCRIPT = """
+import importlib.metadata as m
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+skip = {"litellm-proxy"}             # the split-out package; its code still ships in litellm
+unpin = {"litellm-proxy-extras", "litellm-enterprise"}
+for line in m.requires("litellm") or []:
+    req = Requirement(line)
+    if req.marker is None or not req.marker.evaluate({"extra": "proxy"}):
+        continue
+    if req.marker.evaluate({"extra": ""}):
+        continue                     # a base requirement, already installed
+    if req.name in skip:
+        continue
+    print(req.name if req.name in unpin else f"{req.name}{req.specifier}")
+"""
+
+
 def setup_litellm_proxy(version: str | None) -> None:
+    """Create the LiteLLM proxy venv: ``pip install 'litellm[proxy]'``.
+
+    Recent litellm releases move part of ``[proxy]`` into a ``litellm-proxy`` distribution
+    pinned to the same version, which a registry mirror may not carry; the proxy server
+    itself still ships inside ``litellm``. When the plain install fails, install ``litellm``
+    and the ``[proxy]`` extra's other requirements (the ``litellm-proxy-extras`` /
+    ``litellm-enterprise`` pins relaxed to what the index has).
+    """
     spec = f"litellm[proxy]=={version}" if version else "litellm[proxy]"
     print(f"creating {PROXY_VENV} with {spec} ...")
     subprocess.run([sys.executable, "-m", "venv", str(PROXY_VENV)], check=True)
-    pip = [str(PROXY_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, spec], check=True)
+    python = str(PROXY_VENV / "bin" / "python")
+    pip = [python, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "--upgrade", "pip", "packaging"], check=True)
+    if subprocess.run([*pip, spec], check=False).returncode == 0:
+        return
+    print(f"`pip install {spec}` failed; installing litellm and the [proxy] requirements")
+    subprocess.run([*pip, f"litellm=={version}" if version else "litellm"], check=True)
+    reqs = subprocess.run(
+        [python, "-c", _PROXY_REQS_SCRIPT], capture_output=True, text=True, check=True
+    ).stdout.split()
+    subprocess.run([*pip, *reqs], check=True)
 
 
 def package_version(python: Path, name: str) -> str | None:
@@ -523,7 +562,10 @@ def main(argv: list[str] | None = None) -> int:
     procs = Procs()
     results: dict[str, Any] = {}
     tmp = Path(tempfile.mkdtemp(prefix="distill-bench-"))
-    env_common = {"HF_HUB_OFFLINE": "1", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    env_common: dict[str, str | None] = {
+        "HF_HUB_OFFLINE": "1",
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    }
     try:
         with terminate_on_signals():
             teacher_port = free_port()
@@ -612,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
                         **env_common,
                         "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",
                         "LITELLM_LOG": "ERROR",
-                        "DATABASE_URL": "",
+                        "DATABASE_URL": None,  # no DB: keyless, spend-less local run
                     },
                 )
                 try:
@@ -641,10 +683,11 @@ def main(argv: list[str] | None = None) -> int:
                 k: round(lat[k] - direct[k], 4) for k in ("p50", "p90", "p99", "mean")
             }
 
-    report = {
+    machine = machine_info()
+    report: dict[str, Any] = {
         "benchmark": "overhead",
         "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": machine_info(),
+        "machine": machine,
         "settings": {
             "requests": args.requests,
             "warmup": args.warmup,
@@ -664,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print()
-    m = report["machine"]
+    m = machine
     print(f"{m['nproc']} CPUs, {m['cpu_model']}, Python {m['python']}")
     print_table(results)
     print(f"\nwritten to {out}")

@@ -32,6 +32,8 @@ class Spool:
         self._file: IO[bytes] | None = None
         self._path: Path | None = None
         self._pending = 0  # records in this process's current file
+        # Files from other (dead) processes may exist until the first full replay.
+        self._scan_needed = True
 
     def _open(self) -> IO[bytes]:
         if self._file is None:
@@ -72,7 +74,8 @@ class Spool:
                 self._pending = 0
 
     def has_backlog(self) -> bool:
-        return self._pending > 0 or any(self.directory.glob("spool-*.jsonl"))
+        """Whether anything may wait for replay (cheap: no directory scan per call)."""
+        return self._pending > 0 or self._scan_needed
 
     @contextmanager
     def _claim(self, path: Path) -> Iterator[IO[bytes] | None]:
@@ -96,15 +99,18 @@ class Spool:
         is fully stored. Raises what ``insert`` raises; the file then stays for next time."""
         self.rotate()
         replayed = 0
+        skipped = False
         for path in sorted(self.directory.glob("spool-*.jsonl")):
             with self._claim(path) as file:
                 if file is None:
+                    skipped = True  # a live process owns it; look again later
                     continue
                 records = list(_read_records(file.read(), path))
                 for start in range(0, len(records), batch_size):
                     insert(records[start : start + batch_size])
                 path.unlink()
                 replayed += len(records)
+        self._scan_needed = skipped
         if replayed:
             log.info("replayed %d spooled records into the database", replayed)
         return replayed
