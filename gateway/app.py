@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import sys
 import inspect
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -33,14 +33,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             await asyncio.to_thread(store.ensure_schema)
         except Exception as exc:
-            log.warning("database not reachable at start-up (%s); records will be spooled "
-                        "until it is", str(exc).splitlines()[0][:200])
+            log.warning(
+                "database not reachable at start-up (%s); records will be spooled until it is",
+                str(exc).splitlines()[0][:200],
+            )
         store.start()
         for result in runtime.plugins.manager.hook.startup(app=app, settings=settings):
             if inspect.isawaitable(result):
                 await result
-        log.info("distill-gateway ready: %d task(s): %s", len(runtime.tasks),
-                 ", ".join(runtime.tasks) or "none")
+        log.info(
+            "distill-gateway ready: %d task(s): %s",
+            len(runtime.tasks),
+            ", ".join(runtime.tasks) or "none",
+        )
         # Everything loaded so far (litellm, pydantic schemas, plugins) lives for the whole
         # process: move it out of the collector's reach so that full collections stay
         # short and do not show up as latency spikes.

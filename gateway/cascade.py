@@ -137,12 +137,18 @@ class Cascade:
                 "id": response_id,
                 "object": "chat.completion",
                 "model": model,
-                "choices": [{"index": 0, "finish_reason": finish_reason,
-                             "message": {"role": "assistant", "content": content}}],
-                "usage": {"prompt_tokens": stream.usage.prompt_tokens,
-                          "completion_tokens": stream.usage.completion_tokens,
-                          "total_tokens": stream.usage.prompt_tokens
-                          + stream.usage.completion_tokens},
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": finish_reason,
+                        "message": {"role": "assistant", "content": content},
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": stream.usage.prompt_tokens,
+                    "completion_tokens": stream.usage.completion_tokens,
+                    "total_tokens": stream.usage.prompt_tokens + stream.usage.completion_tokens,
+                },
             }
             if record.status == 200 and finish_reason is None:
                 record.error = record.error or "stream ended early (client disconnected?)"

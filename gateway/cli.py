@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -24,12 +27,18 @@ console = Console(stderr=True)
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="YAML config file (default: embedded defaults)",
-                 exists=False, dir_okay=False),
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML config file (default: embedded defaults)",
+        exists=False,
+        dir_okay=False,
+    ),
 ]
 
 
-def _load(config: Path | None):  # type: ignore[no-untyped-def]
+def _load(config: Path | None) -> Settings:
+    """Settings with every task built once, so that any config error stops us here."""
     from gateway.config import ConfigError, load_settings
     from gateway.plugins import PluginError, load_plugins
     from gateway.runtime import build_tasks
@@ -41,13 +50,13 @@ def _load(config: Path | None):  # type: ignore[no-untyped-def]
     except (ConfigError, PluginError) as exc:
         console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
         raise typer.Exit(2) from None
-    return settings, plugins
+    return settings
 
 
 @app.command("check-config")
 def check_config(path: Annotated[Path, typer.Argument(help="YAML config file")]) -> None:
     """Validate a config file (keys, types, task plugins and their options)."""
-    settings, plugins = _load(path)
+    settings = _load(path)
     table = Table(title=f"{path}: valid", show_lines=False)
     table.add_column("task")
     table.add_column("plugin")
@@ -79,7 +88,7 @@ def serve(
     """Serve the gateway with uvicorn (uvloop + httptools)."""
     import uvicorn
 
-    settings, _ = _load(config)
+    settings = _load(config)
     if config is not None:
         os.environ["DISTILL_CONFIG_FILE"] = str(config.resolve())
     server = settings.server

@@ -54,8 +54,9 @@ class TeacherEndpoint(_Strict):
     num_retries: int = Field(default=2, ge=0, le=10)
     price: PriceConfig | None = None
     transport: Literal["auto", "litellm", "http"] = Field(
-        default="auto", description="auto: direct HTTP for OpenAI-compatible endpoints, "
-        "litellm.acompletion for every other provider"
+        default="auto",
+        description="auto: direct HTTP for OpenAI-compatible endpoints, "
+        "litellm.acompletion for every other provider",
     )
     extra_params: dict[str, Any] = Field(
         default_factory=dict, description="extra keyword arguments for litellm.acompletion"
@@ -105,8 +106,8 @@ class StoreConfig(_Strict):
     batch_size: int = Field(default=256, gt=0)
     flush_interval_ms: int = Field(default=50, gt=0)
     spool_dir: str | None = Field(
-        default=None, description="where records wait while the database is down; "
-        "defaults to <artifacts>/spool"
+        default=None,
+        description="where records wait while the database is down; defaults to <artifacts>/spool",
     )
     retry_interval_s: float = Field(default=1.0, gt=0)
     run_migrations: bool = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import uvicorn
 from rich.console import Console
@@ -33,11 +34,16 @@ QUESTIONS = [
 ]
 
 
-def _keyword_teacher(body: dict) -> str:  # type: ignore[type-arg]
+def _keyword_teacher(body: dict[str, Any]) -> str:
     text = str(body["messages"][-1].get("content", "")).lower()
-    for word, label in (("arriv", "card_arrival"), ("get here", "card_arrival"),
-                        ("link", "card_linking"), ("add my card", "card_linking"),
-                        ("exchange", "exchange_rate"), ("stole", "lost_or_stolen_card")):
+    for word, label in (
+        ("arriv", "card_arrival"),
+        ("get here", "card_arrival"),
+        ("link", "card_linking"),
+        ("add my card", "card_linking"),
+        ("exchange", "exchange_rate"),
+        ("stole", "lost_or_stolen_card"),
+    ):
         if word in text:
             return label
     return "other"
@@ -50,14 +56,20 @@ def run_demo(requests: int = 8, port: int = 8000, keep_serving: bool = True) -> 
     teacher = TeacherServer(responder=_keyword_teacher).start()
     settings = load_settings(
         None,
-        default_teacher={"model": "openai/demo-teacher", "api_base": teacher.url,
-                         "api_key": "demo", "price": {"input_per_mtok": 2.5,
-                                                      "output_per_mtok": 10.0}},
+        default_teacher={
+            "model": "openai/demo-teacher",
+            "api_base": teacher.url,
+            "api_key": "demo",
+            "price": {"input_per_mtok": 2.5, "output_per_mtok": 10.0},
+        },
         tasks={"support-intents": {"plugin": "classify", "options": {"labels": LABELS}}},
     )
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, loop="uvloop",
-                                           http="httptools", log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning"
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -65,8 +77,10 @@ def run_demo(requests: int = 8, port: int = 8000, keep_serving: bool = True) -> 
             raise SystemExit(f"the gateway could not start on port {port}")
         time.sleep(0.05)
     base_url = f"http://127.0.0.1:{port}/v1"
-    console.print(f"[bold]distill-gateway[/bold] on {base_url}   metrics: "
-                  f"http://127.0.0.1:{port}/metrics   database: {settings.database}")
+    console.print(
+        f"[bold]distill-gateway[/bold] on {base_url}   metrics: "
+        f"http://127.0.0.1:{port}/metrics   database: {settings.database}"
+    )
     client = openai.OpenAI(base_url=base_url, api_key="unused")
     table = Table(title="requests through the gateway")
     for column in ("question", "answer", "served by", "cost (USD)", "ms"):
@@ -76,13 +90,19 @@ def run_demo(requests: int = 8, port: int = 8000, keep_serving: bool = True) -> 
         started = time.perf_counter()
         raw = client.chat.completions.with_raw_response.create(
             model="support-intents",
-            messages=[{"role": "system", "content": "Answer with one intent label."},
-                      {"role": "user", "content": question}],
+            messages=[
+                {"role": "system", "content": "Answer with one intent label."},
+                {"role": "user", "content": question},
+            ],
         )
         completion = raw.parse()
-        table.add_row(question, completion.choices[0].message.content or "",
-                      raw.headers["x-distill-served-by"], raw.headers["x-distill-cost-usd"],
-                      f"{(time.perf_counter() - started) * 1000:.1f}")
+        table.add_row(
+            question,
+            completion.choices[0].message.content or "",
+            raw.headers["x-distill-served-by"],
+            raw.headers["x-distill-cost-usd"],
+            f"{(time.perf_counter() - started) * 1000:.1f}",
+        )
     console.print(table)
     store = app.state.runtime.store
     store.flush()

@@ -32,36 +32,54 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "distill_requests", "Chat requests answered.", ["task", "served_by", "status"],
+            "distill_requests",
+            "Chat requests answered.",
+            ["task", "served_by", "status"],
             registry=r,
         )
         self.latency = Histogram(
-            "distill_request_latency_seconds", "Time from request to full response.",
-            ["task", "served_by"], buckets=_LATENCY_BUCKETS, registry=r,
+            "distill_request_latency_seconds",
+            "Time from request to full response.",
+            ["task", "served_by"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.overhead = Histogram(
             "distill_gateway_overhead_seconds",
             "Latency the gateway adds: request latency minus time waiting on the teacher.",
-            ["task", "served_by"], buckets=_OVERHEAD_BUCKETS, registry=r,
+            ["task", "served_by"],
+            buckets=_OVERHEAD_BUCKETS,
+            registry=r,
         )
         self.teacher_tokens = Counter(
-            "distill_teacher_tokens", "Tokens billed by teachers.", ["task", "model", "kind"],
+            "distill_teacher_tokens",
+            "Tokens billed by teachers.",
+            ["task", "model", "kind"],
             registry=r,
         )
         self.teacher_cost = Counter(
-            "distill_teacher_cost_usd", "Teacher cost in USD.", ["task", "model"], registry=r,
+            "distill_teacher_cost_usd",
+            "Teacher cost in USD.",
+            ["task", "model"],
+            registry=r,
         )
         self.teacher_attempts = Counter(
-            "distill_teacher_attempts", "Calls to teacher models, by outcome.",
-            ["task", "model", "outcome"], registry=r,
+            "distill_teacher_attempts",
+            "Calls to teacher models, by outcome.",
+            ["task", "model", "outcome"],
+            registry=r,
         )
         self.errors = Counter(
-            "distill_errors", "Errors answered to clients, by OpenAI error type.",
-            ["task", "type"], registry=r,
+            "distill_errors",
+            "Errors answered to clients, by OpenAI error type.",
+            ["task", "type"],
+            registry=r,
         )
         self.invalid_targets = Counter(
             "distill_invalid_teacher_answers",
-            "Teacher answers the task could not parse into a target.", ["task"], registry=r,
+            "Teacher answers the task could not parse into a target.",
+            ["task"],
+            registry=r,
         )
 
     def watch_store(self, store: TrafficStore) -> None:
@@ -72,7 +90,7 @@ class GatewayMetrics:
 
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 

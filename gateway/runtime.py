@@ -50,7 +50,9 @@ def build_tasks(
         try:
             task_class = plugins.tasks.get(config.plugin)
         except KeyError as exc:
-            raise ConfigError(f"invalid configuration:\n  tasks.{name}.plugin: {exc.args[0]}") from None
+            raise ConfigError(
+                f"invalid configuration:\n  tasks.{name}.plugin: {exc.args[0]}"
+            ) from None
         try:
             options = task_class.Options.model_validate(config.options)
         except ValidationError as exc:

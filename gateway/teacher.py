@@ -49,10 +49,12 @@ def resolve_price(endpoint: TeacherEndpoint) -> Price:
     if endpoint.price is not None:
         return Price(endpoint.price.input_per_mtok / 1e6, endpoint.price.output_per_mtok / 1e6)
     try:
-        prompt, _ = litellm.cost_per_token(model=endpoint.model, prompt_tokens=1_000_000,
-                                           completion_tokens=0)
-        _, completion = litellm.cost_per_token(model=endpoint.model, prompt_tokens=0,
-                                               completion_tokens=1_000_000)
+        prompt, _ = litellm.cost_per_token(
+            model=endpoint.model, prompt_tokens=1_000_000, completion_tokens=0
+        )
+        _, completion = litellm.cost_per_token(
+            model=endpoint.model, prompt_tokens=0, completion_tokens=1_000_000
+        )
     except Exception:
         if endpoint.model in _UNPRICED:
             return Price(0.0, 0.0)
@@ -102,12 +104,14 @@ class TeacherStream:
                     self.usage.prompt_tokens, self.usage.completion_tokens = prompt, completion
                 yield data
         except TeacherCallError as exc:
-            raise UpstreamError(f"The teacher's stream broke off: {exc.message}",
-                                code="upstream_error") from None
+            raise UpstreamError(
+                f"The teacher's stream broke off: {exc.message}", code="upstream_error"
+            ) from None
         finally:
             self.upstream_ms += (time.perf_counter() - started) * 1000
-            self.usage.cost_usd = self.price.cost(self.usage.prompt_tokens,
-                                                  self.usage.completion_tokens)
+            self.usage.cost_usd = self.price.cost(
+                self.usage.prompt_tokens, self.usage.completion_tokens
+            )
 
 
 @dataclass
@@ -120,14 +124,16 @@ class _Teacher:
 class TeacherClient:
     """Calls one task's teacher chain; raises GatewayError subclasses the API answers."""
 
-    def __init__(self, config: TeacherConfig,
-                 on_attempt: Callable[[str, str], None] | None = None) -> None:
+    def __init__(
+        self, config: TeacherConfig, on_attempt: Callable[[str, str], None] | None = None
+    ) -> None:
         self.config = config
         self.chain = [_Teacher(e, make_transport(e), resolve_price(e)) for e in config.chain()]
         self._on_attempt = on_attempt  # (model, outcome) for metrics
 
-    async def complete(self, messages: list[dict[str, Any]],
-                       params: dict[str, Any]) -> TeacherResult:
+    async def complete(
+        self, messages: list[dict[str, Any]], params: dict[str, Any]
+    ) -> TeacherResult:
         started = time.perf_counter()
 
         async def attempt(teacher: _Teacher) -> dict[str, Any]:
@@ -136,26 +142,33 @@ class TeacherClient:
         teacher, data, attempts = await self._with_retries(attempt)
         prompt, completion = usage_of(data)
         return TeacherResult(
-            response=data, model=teacher.endpoint.model,
+            response=data,
+            model=teacher.endpoint.model,
             usage=Usage(prompt, completion, teacher.price.cost(prompt, completion)),
-            upstream_ms=(time.perf_counter() - started) * 1000, attempts=attempts,
+            upstream_ms=(time.perf_counter() - started) * 1000,
+            attempts=attempts,
         )
 
-    async def stream(self, messages: list[dict[str, Any]],
-                     params: dict[str, Any]) -> TeacherStream:
+    async def stream(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> TeacherStream:
         started = time.perf_counter()
         # Ask for usage so streamed answers are priced; whether the usage chunk reaches
         # the client is decided by the client's own stream_options.
-        params = {**params, "stream_options": {**(params.get("stream_options") or {}),
-                                               "include_usage": True}}
+        params = {
+            **params,
+            "stream_options": {**(params.get("stream_options") or {}), "include_usage": True},
+        }
 
         async def attempt(teacher: _Teacher) -> AsyncIterator[dict[str, Any]]:
             return await teacher.transport.stream(messages, params)
 
         teacher, events, attempts = await self._with_retries(attempt)
-        return TeacherStream(model=teacher.endpoint.model, attempts=attempts,
-                             upstream_ms=(time.perf_counter() - started) * 1000,
-                             price=teacher.price, events=events)
+        return TeacherStream(
+            model=teacher.endpoint.model,
+            attempts=attempts,
+            upstream_ms=(time.perf_counter() - started) * 1000,
+            price=teacher.price,
+            events=events,
+        )
 
     async def _with_retries(self, attempt: Callable[[_Teacher], Any]) -> tuple[_Teacher, Any, int]:
         attempts = 0
@@ -172,11 +185,17 @@ class TeacherClient:
                     last = exc
                     outcome = "timeout" if exc.timeout else "error"
                     self._count(teacher, outcome)
-                    log.warning("teacher %s attempt %d failed: %s", teacher.endpoint.model,
-                                attempts, exc.message)
+                    log.warning(
+                        "teacher %s attempt %d failed: %s",
+                        teacher.endpoint.model,
+                        attempts,
+                        exc.message,
+                    )
                     if not exc.retryable:
-                        raise InvalidRequest(f"The teacher rejected the request: {exc.message}",
-                                             code="upstream_bad_request") from None
+                        raise InvalidRequest(
+                            f"The teacher rejected the request: {exc.message}",
+                            code="upstream_bad_request",
+                        ) from None
                     continue
                 self._count(teacher, "ok")
                 return teacher, result, attempts
@@ -193,8 +212,11 @@ class TeacherClient:
 
 def _final_error(error: TeacherCallError | None, attempts: int) -> GatewayError:
     if error is not None and error.timeout:
-        return UpstreamTimeout(f"The teacher did not answer in time after {attempts} "
-                               "attempt(s).", code="upstream_timeout")
+        return UpstreamTimeout(
+            f"The teacher did not answer in time after {attempts} attempt(s).",
+            code="upstream_timeout",
+        )
     detail = error.message if error is not None else "no teacher configured"
-    return UpstreamError(f"The teacher failed after {attempts} attempt(s): {detail}",
-                         code="upstream_error")
+    return UpstreamError(
+        f"The teacher failed after {attempts} attempt(s): {detail}", code="upstream_error"
+    )

@@ -33,16 +33,23 @@ logging.getLogger("LiteLLM").setLevel(logging.WARNING)
 log = logging.getLogger("distill_gateway.teacher")
 
 # Providers whose endpoint takes the OpenAI chat-completions body as is.
-OPENAI_COMPATIBLE = frozenset({"openai", "hosted_vllm", "openai_like", "custom_openai",
-                               "litellm_proxy"})
+OPENAI_COMPATIBLE = frozenset(
+    {"openai", "hosted_vllm", "openai_like", "custom_openai", "litellm_proxy"}
+)
 OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
 
 
 class TeacherCallError(Exception):
     """One failed attempt, classified so the client knows whether to try again."""
 
-    def __init__(self, message: str, *, retryable: bool = True, timeout: bool = False,
-                 status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool = True,
+        timeout: bool = False,
+        status: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retryable = retryable
@@ -53,11 +60,13 @@ class TeacherCallError(Exception):
 class Transport(Protocol):
     model: str  # the configured litellm model string, for records and metrics
 
-    async def complete(self, messages: list[dict[str, Any]],
-                       params: dict[str, Any]) -> dict[str, Any]: ...
+    async def complete(
+        self, messages: list[dict[str, Any]], params: dict[str, Any]
+    ) -> dict[str, Any]: ...
 
-    async def stream(self, messages: list[dict[str, Any]],
-                     params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+    async def stream(
+        self, messages: list[dict[str, Any]], params: dict[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]: ...
 
     async def close(self) -> None: ...
 
@@ -97,31 +106,40 @@ class OpenAIHTTPTransport:
             key = os.environ.get("OPENAI_API_KEY")
         if key:
             headers["authorization"] = f"Bearer {key}"
-        self._target = _Target(api_base.rstrip("/") + "/chat/completions", provider_model,
-                               headers)
+        self._target = _Target(api_base.rstrip("/") + "/chat/completions", provider_model, headers)
         self._session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(total=endpoint.timeout_s)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=512, keepalive_timeout=30, ttl_dns_cache=300)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout,
-                                                  json_serialize=lambda o: orjson.dumps(o).decode())
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self._timeout,
+                json_serialize=lambda o: orjson.dumps(o).decode(),
+            )
         return self._session
 
-    def _body(self, messages: list[dict[str, Any]], params: dict[str, Any],
-              stream: bool) -> bytes:
-        body: dict[str, Any] = {**self.endpoint.extra_params, **params,
-                                "model": self._target.model, "messages": messages}
+    def _body(self, messages: list[dict[str, Any]], params: dict[str, Any], stream: bool) -> bytes:
+        body: dict[str, Any] = {
+            **self.endpoint.extra_params,
+            **params,
+            "model": self._target.model,
+            "messages": messages,
+        }
         if stream:
             body["stream"] = True
         return orjson.dumps(body)
 
-    async def complete(self, messages: list[dict[str, Any]],
-                       params: dict[str, Any]) -> dict[str, Any]:
+    async def complete(
+        self, messages: list[dict[str, Any]], params: dict[str, Any]
+    ) -> dict[str, Any]:
         try:
-            async with self._client().post(self._target.url, data=self._body(messages, params, False),
-                                           headers=self._target.headers) as response:
+            async with self._client().post(
+                self._target.url,
+                data=self._body(messages, params, False),
+                headers=self._target.headers,
+            ) as response:
                 raw = await response.read()
                 if response.status != 200:
                     raise _classify_status(response.status, _error_message(raw, response.status))
@@ -137,12 +155,15 @@ class OpenAIHTTPTransport:
             raise TeacherCallError("the teacher's answer is not a chat completion")
         return data
 
-    async def stream(self, messages: list[dict[str, Any]],
-                     params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(
+        self, messages: list[dict[str, Any]], params: dict[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]:
         try:
             response = await self._client().post(
-                self._target.url, data=self._body(messages, params, True),
-                headers=self._target.headers)
+                self._target.url,
+                data=self._body(messages, params, True),
+                headers=self._target.headers,
+            )
         except TimeoutError:
             raise TeacherCallError("timed out", timeout=True) from None
         except aiohttp.ClientError as exc:
@@ -164,8 +185,9 @@ class OpenAIHTTPTransport:
                 data = orjson.loads(payload)
                 if isinstance(data, dict) and "error" in data and "choices" not in data:
                     error = data["error"]
-                    raise TeacherCallError(str(error.get("message") if isinstance(error, dict)
-                                               else error))
+                    raise TeacherCallError(
+                        str(error.get("message") if isinstance(error, dict) else error)
+                    )
                 yield data
         except TimeoutError:
             raise TeacherCallError("timed out mid-stream", timeout=True) from None
@@ -182,7 +204,8 @@ class OpenAIHTTPTransport:
 
 # litellm exceptions that mean the request itself is wrong.
 _LITELLM_CLIENT_ERRORS: tuple[type[Exception], ...] = (
-    litellm.BadRequestError, litellm.UnprocessableEntityError,
+    litellm.BadRequestError,
+    litellm.UnprocessableEntityError,
 )
 
 
@@ -215,28 +238,40 @@ class LiteLLMTransport:
 
     def _kwargs(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
         e = self.endpoint
-        return {**e.extra_params, **params, "model": e.model, "messages": messages,
-                "api_base": e.api_base, "api_key": e.resolve_api_key(),
-                # One attempt per call: retries and fallbacks are the TeacherClient's.
-                "timeout": e.timeout_s, "max_retries": 0, "num_retries": 0}
+        return {
+            **e.extra_params,
+            **params,
+            "model": e.model,
+            "messages": messages,
+            "api_base": e.api_base,
+            "api_key": e.resolve_api_key(),
+            # One attempt per call: retries and fallbacks are the TeacherClient's.
+            "timeout": e.timeout_s,
+            "max_retries": 0,
+            "num_retries": 0,
+        }
 
-    async def complete(self, messages: list[dict[str, Any]],
-                       params: dict[str, Any]) -> dict[str, Any]:
+    async def complete(
+        self, messages: list[dict[str, Any]], params: dict[str, Any]
+    ) -> dict[str, Any]:
         try:
             response = await asyncio.wait_for(
                 litellm.acompletion(**self._kwargs(messages, params)),
-                timeout=self.endpoint.timeout_s + 1.0)  # in case a provider ignores timeout
+                timeout=self.endpoint.timeout_s + 1.0,
+            )  # in case a provider ignores timeout
         except Exception as exc:
             raise _from_litellm(exc) from None
         return _plain(response.model_dump(exclude_none=True))
 
-    async def stream(self, messages: list[dict[str, Any]],
-                     params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(
+        self, messages: list[dict[str, Any]], params: dict[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]:
         kwargs = self._kwargs(messages, params)
         kwargs["stream"] = True
         try:
-            stream = await asyncio.wait_for(litellm.acompletion(**kwargs),
-                                            timeout=self.endpoint.timeout_s + 1.0)
+            stream = await asyncio.wait_for(
+                litellm.acompletion(**kwargs), timeout=self.endpoint.timeout_s + 1.0
+            )
         except Exception as exc:
             raise _from_litellm(exc) from None
         return self._events(stream)
@@ -257,7 +292,8 @@ def make_transport(endpoint: TeacherEndpoint) -> Transport:
         return LiteLLMTransport(endpoint)
     try:
         model, provider, _, api_base = litellm.get_llm_provider(
-            model=endpoint.model, api_base=endpoint.api_base)
+            model=endpoint.model, api_base=endpoint.api_base
+        )
     except Exception:
         provider, model, api_base = "", endpoint.model, None
     if provider == "openai" and not api_base:
@@ -265,6 +301,8 @@ def make_transport(endpoint: TeacherEndpoint) -> Transport:
     if provider in OPENAI_COMPATIBLE and api_base:
         return OpenAIHTTPTransport(endpoint, model, api_base)
     if endpoint.transport == "http":
-        raise ValueError(f"{endpoint.model}: transport 'http' needs an OpenAI-compatible "
-                         "provider and an api_base")
+        raise ValueError(
+            f"{endpoint.model}: transport 'http' needs an OpenAI-compatible "
+            "provider and an api_base"
+        )
     return LiteLLMTransport(endpoint)

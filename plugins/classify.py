@@ -22,8 +22,9 @@ class ClassifyOptions(BaseModel):
         default=None, description="closed label set; answers outside it are rejected"
     )
     input: Literal["last_user", "conversation"] = Field(
-        default="last_user", description="what the student sees: the last user message, "
-        "or every non-system message as 'role: text' lines"
+        default="last_user",
+        description="what the student sees: the last user message, "
+        "or every non-system message as 'role: text' lines",
     )
     max_label_chars: int = Field(
         default=64, gt=0, description="without a label set, longer answers are not labels"

@@ -42,8 +42,11 @@ def make_settings(tmp_path: Path, teacher: TeacherServer, **overrides: Any) -> S
         "database": f"sqlite:///{tmp_path / 'distill.db'}",
         "artifacts": str(tmp_path / "artifacts"),
         "default_teacher": {
-            "model": "openai/teacher-model", "api_base": teacher.url, "api_key": "sk-test",
-            "timeout_s": 5, "num_retries": 1,
+            "model": "openai/teacher-model",
+            "api_base": teacher.url,
+            "api_key": "sk-test",
+            "timeout_s": 5,
+            "num_retries": 1,
             "price": {"input_per_mtok": 2.5, "output_per_mtok": 10.0},
         },
         "tasks": {"support-intents": {"plugin": "classify", "options": {"labels": LABELS}}},
@@ -66,8 +69,9 @@ def gateway(settings: Settings) -> Iterator[GatewayServer]:
 
 @pytest.fixture(scope="session")
 def postgres_admin() -> sa.Engine:
-    engine = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT",
-                              connect_args={"connect_timeout": 3})
+    engine = sa.create_engine(
+        PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3}
+    )
     try:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))

@@ -25,10 +25,17 @@ class GatewayServer:
     def __init__(self, app: FastAPI, port: int | None = None) -> None:
         self.app = app
         self.port = port or free_port()
-        self.server = uvicorn.Server(uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, loop="uvloop", http="httptools",
-            log_level="warning", timeout_graceful_shutdown=10,
-        ))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host="127.0.0.1",
+                port=self.port,
+                loop="uvloop",
+                http="httptools",
+                log_level="warning",
+                timeout_graceful_shutdown=10,
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -93,8 +100,9 @@ class TcpProxy:
         self.writers.discard(up_writer)
 
     async def _listen(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port,
-                                                 reuse_address=True)
+        self.server = await asyncio.start_server(
+            self._handle, "127.0.0.1", self.port, reuse_address=True
+        )
 
     async def _close(self) -> None:
         if self.server is not None:

@@ -25,10 +25,17 @@ def test_sync_completion_returns_teacher_answer_and_records_it(
 ) -> None:
     raw = client(gateway).chat.completions.with_raw_response.create(
         model="support-intents",
-        messages=[{"role": "system", "content": "label it"},
-                  {"role": "user", "content": "card_arrival"}],
-        temperature=0.3, max_tokens=5, user="u-1", seed=7,
-        response_format={"type": "text"}, logprobs=True, top_logprobs=2,
+        messages=[
+            {"role": "system", "content": "label it"},
+            {"role": "user", "content": "card_arrival"},
+        ],
+        temperature=0.3,
+        max_tokens=5,
+        user="u-1",
+        seed=7,
+        response_format={"type": "text"},
+        logprobs=True,
+        top_logprobs=2,
         extra_body={"vendor_flag": "kept"},
     )
     completion = raw.parse()
@@ -42,9 +49,16 @@ def test_sync_completion_returns_teacher_answer_and_records_it(
     # every client parameter reached the teacher unchanged
     sent = teacher.requests[-1]
     assert sent["model"] == "teacher-model"
-    for key, value in {"temperature": 0.3, "max_tokens": 5, "user": "u-1", "seed": 7,
-                       "response_format": {"type": "text"}, "logprobs": True,
-                       "top_logprobs": 2, "vendor_flag": "kept"}.items():
+    for key, value in {
+        "temperature": 0.3,
+        "max_tokens": 5,
+        "user": "u-1",
+        "seed": 7,
+        "response_format": {"type": "text"},
+        "logprobs": True,
+        "top_logprobs": 2,
+        "vendor_flag": "kept",
+    }.items():
         assert sent[key] == value, key
     rows = store_of(gateway).fetch(task="support-intents")
     assert len(rows) == 1
@@ -67,7 +81,8 @@ def test_label_answer_is_normalised_into_target(
 ) -> None:
     teacher.responder = lambda body: "  Card Arrival. "
     client(gateway).chat.completions.create(
-        model="support-intents", messages=[{"role": "user", "content": "where is my card"}])
+        model="support-intents", messages=[{"role": "user", "content": "where is my card"}]
+    )
     row = store_of(gateway).fetch()[0]
     assert row["target"] == "card_arrival" and row["target_valid"] is True
 
@@ -76,20 +91,25 @@ async def test_async_client_and_concurrency(gateway: GatewayServer) -> None:
     import asyncio
 
     async_client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key="k", max_retries=0)
-    results = await asyncio.gather(*[
-        async_client.chat.completions.create(
-            model="support-intents", messages=[{"role": "user", "content": f"q{i}"}])
-        for i in range(40)
-    ])
+    results = await asyncio.gather(
+        *[
+            async_client.chat.completions.create(
+                model="support-intents", messages=[{"role": "user", "content": f"q{i}"}]
+            )
+            for i in range(40)
+        ]
+    )
     assert sorted(r.choices[0].message.content for r in results) == sorted(
-        f"echo: q{i}" for i in range(40))
+        f"echo: q{i}" for i in range(40)
+    )
     await async_client.close()
     assert store_of(gateway).count(task="support-intents") == 40
 
 
 def test_stream_forwards_chunks_and_records_the_whole_answer(gateway: GatewayServer) -> None:
     stream = client(gateway).chat.completions.create(
-        model="support-intents", stream=True,
+        model="support-intents",
+        stream=True,
         messages=[{"role": "user", "content": "one two three four five"}],
     )
     chunks = list(stream)
@@ -108,21 +128,30 @@ def test_stream_forwards_chunks_and_records_the_whole_answer(gateway: GatewaySer
 async def test_async_stream_with_usage(gateway: GatewayServer) -> None:
     async_client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key="k", max_retries=0)
     stream = await async_client.chat.completions.create(
-        model="support-intents", stream=True, stream_options={"include_usage": True},
+        model="support-intents",
+        stream=True,
+        stream_options={"include_usage": True},
         messages=[{"role": "user", "content": "alpha beta"}],
     )
     chunks = [c async for c in stream]
     await async_client.close()
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
-        "echo: alpha beta")
+        "echo: alpha beta"
+    )
     usage = [c.usage for c in chunks if c.usage is not None]
     assert usage and usage[-1].completion_tokens == 3
 
 
 def test_raw_sse_ends_with_done(gateway: GatewayServer) -> None:
-    with httpx.stream("POST", gateway.base_url + "/chat/completions", json={
-        "model": "support-intents", "stream": True,
-        "messages": [{"role": "user", "content": "hi"}]}) as response:
+    with httpx.stream(
+        "POST",
+        gateway.base_url + "/chat/completions",
+        json={
+            "model": "support-intents",
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in response.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
@@ -133,7 +162,8 @@ def test_passthrough_model_goes_to_default_teacher(
     gateway: GatewayServer, teacher: TeacherServer
 ) -> None:
     completion = client(gateway).chat.completions.create(
-        model="gpt-unknown-to-us", messages=[{"role": "user", "content": "hello"}])
+        model="gpt-unknown-to-us", messages=[{"role": "user", "content": "hello"}]
+    )
     assert completion.choices[0].message.content == "echo: hello"
     assert teacher.requests[-1]["model"] == "teacher-model"
     row = store_of(gateway).fetch(model="gpt-unknown-to-us")[0]
@@ -148,11 +178,18 @@ def test_models_health_ready_and_metrics(gateway: GatewayServer) -> None:
     ready = httpx.get(gateway.url + "/readyz")
     assert ready.status_code == 200 and ready.json()["store"] == "ok"
     client(gateway).chat.completions.create(
-        model="support-intents", messages=[{"role": "user", "content": "x"}])
+        model="support-intents", messages=[{"role": "user", "content": "x"}]
+    )
     store_of(gateway)
     text = httpx.get(gateway.url + "/metrics").text
-    assert 'distill_requests_total{served_by="teacher",status="200",task="support-intents"} 1.0' in text
+    assert (
+        'distill_requests_total{served_by="teacher",status="200",task="support-intents"} 1.0'
+        in text
+    )
     assert "distill_gateway_overhead_seconds_bucket" in text
-    assert 'distill_teacher_cost_usd_total{model="openai/teacher-model",task="support-intents"}' in text
+    assert (
+        'distill_teacher_cost_usd_total{model="openai/teacher-model",task="support-intents"}'
+        in text
+    )
     assert 'distill_teacher_tokens_total{kind="completion",model="openai/teacher-model"' in text
     assert "distill_store_written_total 1.0" in text

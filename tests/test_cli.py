@@ -29,7 +29,9 @@ def test_serve_command(tmp_path: Path, teacher: TeacherServer) -> None:
     bin_dir = Path(sys.executable).parent
     process = subprocess.Popen(
         [str(bin_dir / "distill-gateway"), "serve", "--config", str(config), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ},
     )
     try:
         deadline = time.monotonic() + 60
@@ -44,7 +46,8 @@ def test_serve_command(tmp_path: Path, teacher: TeacherServer) -> None:
             time.sleep(0.2)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
         answer = client.chat.completions.create(
-            model="support-intents", messages=[{"role": "user", "content": "ping"}])
+            model="support-intents", messages=[{"role": "user", "content": "ping"}]
+        )
         assert answer.choices[0].message.content == "echo: ping"
     finally:
         process.send_signal(signal.SIGTERM)
@@ -65,7 +68,11 @@ def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("server: {port: lots}\n")
     bin_dir = Path(sys.executable).parent
-    result = subprocess.run([str(bin_dir / "distill-gateway"), "serve", "--config", str(config)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(bin_dir / "distill-gateway"), "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "server.port" in result.stderr

@@ -62,8 +62,10 @@ def test_wrong_type_names_key_and_expectation(tmp_path: Path) -> None:
 
 
 def test_fallback_errors_are_indexed(tmp_path: Path) -> None:
-    path = write(tmp_path, "default_teacher:\n  model: m\n  fallbacks:\n    - {model: ok}\n"
-                           "    - {modl: bad}\n")
+    path = write(
+        tmp_path,
+        "default_teacher:\n  model: m\n  fallbacks:\n    - {model: ok}\n    - {modl: bad}\n",
+    )
     with pytest.raises(ConfigError) as info:
         load_settings(path)
     assert "default_teacher.fallbacks[1].model: Field required" in str(info.value)
@@ -83,8 +85,9 @@ def test_bad_database_url(tmp_path: Path) -> None:
 
 
 def test_env_overrides_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = write(tmp_path, "database: sqlite:///a.db\ndefault_teacher:\n  model: m\n"
-                           "  timeout_s: 3\n")
+    path = write(
+        tmp_path, "database: sqlite:///a.db\ndefault_teacher:\n  model: m\n  timeout_s: 3\n"
+    )
     monkeypatch.setenv("DISTILL_DATABASE", "postgresql://u@127.0.0.1:5432/test")
     monkeypatch.setenv("DISTILL_DEFAULT_TEACHER__TIMEOUT_S", "9")
     monkeypatch.setenv("DISTILL_SERVER__PORT", "9999")
@@ -97,7 +100,7 @@ def test_env_overrides_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_bad_env_override_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DISTILL_SERVER__PORT", "high")
-    with pytest.raises(ConfigError, match="server.port"):
+    with pytest.raises(ConfigError, match=r"server\.port"):
         load_settings(None)
 
 
@@ -112,23 +115,40 @@ def test_api_key_is_secret(tmp_path: Path) -> None:
 
 def test_task_plugin_and_options_are_checked(tmp_path: Path) -> None:
     plugins = load_plugins()
-    unknown = load_settings(write(tmp_path, "default_teacher: {model: m}\ntasks:\n"
-                                            "  t: {plugin: clasify}\n"))
-    with pytest.raises(ConfigError, match=r"tasks.t.plugin: unknown task 'clasify' "
-                                          r"\(registered: classify, passthrough"):
+    unknown = load_settings(
+        write(tmp_path, "default_teacher: {model: m}\ntasks:\n  t: {plugin: clasify}\n")
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"tasks.t.plugin: unknown task 'clasify' "
+        r"\(registered: classify, passthrough",
+    ):
         build_tasks(unknown, plugins)
-    bad_options = load_settings(write(tmp_path, "default_teacher: {model: m}\ntasks:\n  t:\n"
-                                                "    plugin: classify\n"
-                                                "    options: {labels: [a, A]}\n"))
-    with pytest.raises(ConfigError, match="tasks.t.options.labels: .*distinct"):
+    bad_options = load_settings(
+        write(
+            tmp_path,
+            "default_teacher: {model: m}\ntasks:\n  t:\n"
+            "    plugin: classify\n"
+            "    options: {labels: [a, A]}\n",
+        )
+    )
+    with pytest.raises(ConfigError, match=r"tasks\.t\.options\.labels: .*distinct"):
         build_tasks(bad_options, plugins)
-    typo = load_settings(write(tmp_path, "default_teacher: {model: m}\ntasks:\n  t:\n"
-                                         "    plugin: classify\n    options: {label: [a]}\n"))
-    with pytest.raises(ConfigError, match=r"tasks.t.options.label: unknown key \(expected one "
-                                          r"of: input, labels, max_label_chars\)"):
+    typo = load_settings(
+        write(
+            tmp_path,
+            "default_teacher: {model: m}\ntasks:\n  t:\n"
+            "    plugin: classify\n    options: {label: [a]}\n",
+        )
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"tasks.t.options.label: unknown key \(expected one "
+        r"of: input, labels, max_label_chars\)",
+    ):
         build_tasks(typo, plugins)
     no_teacher = load_settings(write(tmp_path, "tasks:\n  t: {plugin: classify}\n"))
-    with pytest.raises(ConfigError, match="tasks.t.teacher: required"):
+    with pytest.raises(ConfigError, match=r"tasks\.t\.teacher: required"):
         build_tasks(no_teacher, plugins)
 
 

@@ -125,18 +125,21 @@ def test_third_party_task_through_the_api(
         assert ("startup", "distill-gateway", ["shouting"]) in events
         client = openai.OpenAI(base_url=gateway.base_url, api_key="k", max_retries=0)
         raw = client.chat.completions.with_raw_response.create(
-            model="shouting", messages=[{"role": "user", "content": "hi"}])
+            model="shouting", messages=[{"role": "user", "content": "hi"}]
+        )
         assert raw.parse().choices[0].message.content == "HELLO WORLD"
         assert app.state.runtime.store.flush(10)
         recorded = [e for e in events if e[0] == "recorded"]
-        assert recorded == [("recorded", raw.headers["x-distill-request-id"], "shouting",
-                             "hello world")]
+        assert recorded == [
+            ("recorded", raw.headers["x-distill-request-id"], "shouting", "hello world")
+        ]
         row = app.state.runtime.store.fetch(task="shouting")[0]
         assert row["target"] == "hello world"
 
 
-def test_plugin_from_config_list(tmp_path: Path, installed_plugin: object,
-                                 teacher: TeacherServer) -> None:
+def test_plugin_from_config_list(
+    tmp_path: Path, installed_plugin: object, teacher: TeacherServer
+) -> None:
     # The same module named in `plugins:` is not registered twice.
     settings = make_settings(tmp_path, teacher, plugins=["shout_plugin"])
     assert "shout" in create_app(settings).state.runtime.plugins.tasks
@@ -147,7 +150,8 @@ def test_plugin_from_config_list(tmp_path: Path, installed_plugin: object,
 def test_misnamed_hook_is_refused(tmp_path: Path) -> None:
     (tmp_path / "typo_plugin.py").write_text(
         "from gateway.hookspecs import hookimpl\n\n@hookimpl\ndef register_task(register):\n"
-        "    pass\n")
+        "    pass\n"
+    )
     sys.path.insert(0, str(tmp_path))
     try:
         with pytest.raises(PluginError, match="register_task"):
@@ -176,10 +180,18 @@ def test_every_hook_is_documented_with_its_signature() -> None:
     import inspect
 
     text = DOCS.read_text()
-    specs = [name for name, value in vars(hookspecs).items()
-             if callable(value) and hasattr(value, "distill_gateway_spec")]
-    assert {"register_tasks", "register_filters", "register_trainers", "startup",
-            "exchange_recorded"} <= set(specs)
+    specs = [
+        name
+        for name, value in vars(hookspecs).items()
+        if callable(value) and hasattr(value, "distill_gateway_spec")
+    ]
+    assert {
+        "register_tasks",
+        "register_filters",
+        "register_trainers",
+        "startup",
+        "exchange_recorded",
+    } <= set(specs)
     for name in specs:
         signature = f"{name}{inspect.signature(getattr(hookspecs, name))}"
         signature = re.sub(r"\s+", " ", signature.replace("'", ""))

@@ -21,9 +21,17 @@ from tests.servers import GatewayServer, TcpProxy
 
 def record(i: int, task: str = "t") -> ExchangeRecord:
     return ExchangeRecord(
-        model=task, task=task, request={"messages": [{"role": "user", "content": f"q{i}"}]},
-        served_by="teacher", status=200, answer=f"a{i}", target={"label": f"a{i}", "n": i},
-        target_valid=True, prompt_tokens=i, completion_tokens=1, cost_usd=i / 1e6,
+        model=task,
+        task=task,
+        request={"messages": [{"role": "user", "content": f"q{i}"}]},
+        served_by="teacher",
+        status=200,
+        answer=f"a{i}",
+        target={"label": f"a{i}", "n": i},
+        target_valid=True,
+        prompt_tokens=i,
+        completion_tokens=1,
+        cost_usd=i / 1e6,
     )
 
 
@@ -84,8 +92,12 @@ def test_graceful_stop_drains_the_queue(db_url: str, tmp_path: Path) -> None:
 def test_full_queue_spills_to_spool_and_nothing_is_lost(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'store.db'}"
     seen: list[str] = []
-    store = TrafficStore(url, tmp_path / "spool", StoreConfig(queue_size=2, retry_interval_s=0.1),
-                         on_recorded=lambda r: seen.append(r.id))
+    store = TrafficStore(
+        url,
+        tmp_path / "spool",
+        StoreConfig(queue_size=2, retry_interval_s=0.1),
+        on_recorded=lambda r: seen.append(r.id),
+    )
     records = [record(i) for i in range(10)]
     for r in records:  # writer not started yet: the queue fills up
         store.submit(r)
@@ -140,19 +152,27 @@ def test_database_cut_mid_run_spools_then_replays_exactly_once(
     is answered and ends up in the database exactly once."""
     url = sa.engine.make_url(postgres_url)
     with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as proxy:
-        proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(
-            hide_password=False)
-        settings = make_settings(tmp_path, teacher, database=proxied,
-                                 store={"flush_interval_ms": 5, "retry_interval_s": 0.2})
+        proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        settings = make_settings(
+            tmp_path,
+            teacher,
+            database=proxied,
+            store={"flush_interval_ms": 5, "retry_interval_s": 0.2},
+        )
         app = create_app(settings)
         store = app.state.runtime.store
         ids: list[str] = []
         with GatewayServer(app) as gateway, httpx.Client(base_url=gateway.base_url) as http:
+
             def send(n: int) -> None:
                 for i in range(n):
-                    response = http.post("/chat/completions", json={
-                        "model": "support-intents",
-                        "messages": [{"role": "user", "content": f"message {len(ids)} {i}"}]})
+                    response = http.post(
+                        "/chat/completions",
+                        json={
+                            "model": "support-intents",
+                            "messages": [{"role": "user", "content": f"message {len(ids)} {i}"}],
+                        },
+                    )
                     assert response.status_code == 200
                     ids.append(response.headers["x-distill-request-id"])
 

@@ -11,7 +11,7 @@ from gateway.app import create_app
 from gateway.config import TeacherEndpoint
 from gateway.teacher import resolve_price
 from gateway.testing.teacher_server import TeacherServer
-from gateway.transports import LiteLLMTransport, OpenAIHTTPTransport, make_transport, litellm
+from gateway.transports import LiteLLMTransport, OpenAIHTTPTransport, litellm, make_transport
 from tests.conftest import make_settings
 from tests.servers import GatewayServer
 
@@ -19,21 +19,27 @@ from tests.servers import GatewayServer
 def test_transport_choice() -> None:
     http = make_transport(TeacherEndpoint(model="openai/gpt-4o", api_base="http://h/v1"))
     assert isinstance(http, OpenAIHTTPTransport)
-    assert isinstance(make_transport(TeacherEndpoint(model="hosted_vllm/m", api_base="http://h")),
-                      OpenAIHTTPTransport)
-    assert isinstance(make_transport(TeacherEndpoint(model="anthropic/claude-3-5-sonnet-20240620")),
-                      LiteLLMTransport)
+    assert isinstance(
+        make_transport(TeacherEndpoint(model="hosted_vllm/m", api_base="http://h")),
+        OpenAIHTTPTransport,
+    )
+    assert isinstance(
+        make_transport(TeacherEndpoint(model="anthropic/claude-3-5-sonnet-20240620")),
+        LiteLLMTransport,
+    )
     forced = TeacherEndpoint(model="openai/gpt-4o", api_base="http://h/v1", transport="litellm")
     assert isinstance(make_transport(forced), LiteLLMTransport)
     with pytest.raises(ValueError, match="transport 'http'"):
-        make_transport(TeacherEndpoint(model="anthropic/claude-3-5-sonnet-20240620",
-                                       transport="http"))
+        make_transport(
+            TeacherEndpoint(model="anthropic/claude-3-5-sonnet-20240620", transport="http")
+        )
 
 
 def test_price_from_litellm_price_map() -> None:
     price = resolve_price(TeacherEndpoint(model="openai/gpt-4o"))
-    prompt, completion = litellm.cost_per_token(model="openai/gpt-4o", prompt_tokens=1000,
-                                                completion_tokens=100)
+    prompt, completion = litellm.cost_per_token(
+        model="openai/gpt-4o", prompt_tokens=1000, completion_tokens=100
+    )
     assert price.cost(1000, 100) == pytest.approx(prompt + completion)
     assert price.cost(1000, 100) > 0
     configured = TeacherEndpoint(model="x/y", price={"input_per_mtok": 1, "output_per_mtok": 4})
@@ -44,14 +50,26 @@ def test_price_from_litellm_price_map() -> None:
 @pytest.mark.parametrize("transport", ["litellm", "auto"])
 def test_both_transports_end_to_end(tmp_path: Path, teacher: TeacherServer, transport: str) -> None:
     """The litellm path is the real litellm client: same answers, errors and costs."""
-    settings = make_settings(tmp_path, teacher, default_teacher={
-        "model": "openai/gpt-4o", "api_base": teacher.url, "api_key": "sk-t",
-        "num_retries": 1, "timeout_s": 2, "transport": transport})
+    settings = make_settings(
+        tmp_path,
+        teacher,
+        default_teacher={
+            "model": "openai/gpt-4o",
+            "api_base": teacher.url,
+            "api_key": "sk-t",
+            "num_retries": 1,
+            "timeout_s": 2,
+            "transport": transport,
+        },
+    )
     with GatewayServer(create_app(settings)) as gateway:
         client = openai.OpenAI(base_url=gateway.base_url, api_key="k", max_retries=0)
         raw = client.chat.completions.with_raw_response.create(
-            model="support-intents", messages=[{"role": "user", "content": "card_arrival"}],
-            temperature=0.5, max_tokens=7)
+            model="support-intents",
+            messages=[{"role": "user", "content": "card_arrival"}],
+            temperature=0.5,
+            max_tokens=7,
+        )
         completion = raw.parse()
         assert completion.choices[0].message.content == "echo: card_arrival"
         assert teacher.requests[-1]["temperature"] == 0.5
@@ -60,34 +78,46 @@ def test_both_transports_end_to_end(tmp_path: Path, teacher: TeacherServer, tran
         usage = completion.usage
         assert usage is not None
         prompt, completion_cost = litellm.cost_per_token(
-            model="openai/gpt-4o", prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens)
+            model="openai/gpt-4o",
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+        )
         assert float(raw.headers["x-distill-cost-usd"]) == pytest.approx(
-            prompt + completion_cost, rel=1e-4)
+            prompt + completion_cost, rel=1e-4
+        )
 
-        chunks = list(client.chat.completions.create(
-            model="support-intents", stream=True, stream_options={"include_usage": True},
-            messages=[{"role": "user", "content": "a b c d"}]))
+        chunks = list(
+            client.chat.completions.create(
+                model="support-intents",
+                stream=True,
+                stream_options={"include_usage": True},
+                messages=[{"role": "user", "content": "a b c d"}],
+            )
+        )
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
-            "echo: a b c d")
+            "echo: a b c d"
+        )
         assert any(c.usage is not None and c.usage.completion_tokens == 5 for c in chunks)
 
         teacher.fail_next(5, status=500, message="down for maintenance")
         with pytest.raises(openai.APIStatusError) as info:
-            client.chat.completions.create(model="support-intents",
-                                           messages=[{"role": "user", "content": "x"}])
+            client.chat.completions.create(
+                model="support-intents", messages=[{"role": "user", "content": "x"}]
+            )
         assert info.value.status_code == 502
         assert "down for maintenance" in info.value.message
         teacher.reset()
 
         teacher.fail_next(1, status=400, message="unsupported parameter foo")
         with pytest.raises(openai.BadRequestError) as bad:
-            client.chat.completions.create(model="support-intents",
-                                           messages=[{"role": "user", "content": "x"}])
+            client.chat.completions.create(
+                model="support-intents", messages=[{"role": "user", "content": "x"}]
+            )
         assert "unsupported parameter foo" in bad.value.message
 
         teacher.hang_next(2)
         with pytest.raises(openai.APIStatusError) as slow:
-            client.chat.completions.create(model="support-intents",
-                                           messages=[{"role": "user", "content": "x"}])
+            client.chat.completions.create(
+                model="support-intents", messages=[{"role": "user", "content": "x"}]
+            )
         assert slow.value.status_code == 504

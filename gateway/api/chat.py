@@ -26,24 +26,30 @@ async def read_body(request: Request, limit: int) -> bytes:
         except ValueError:
             raise InvalidRequest("Invalid Content-Length header.") from None
         if size > limit:
-            raise PayloadTooLarge(f"The request body is {size} bytes; the limit is {limit}.",
-                                  code="request_too_large")
+            raise PayloadTooLarge(
+                f"The request body is {size} bytes; the limit is {limit}.", code="request_too_large"
+            )
         return await request.body()
     chunks: list[bytes] = []
     received = 0
     async for chunk in request.stream():
         received += len(chunk)
         if received > limit:
-            raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.",
-                                  code="request_too_large")
+            raise PayloadTooLarge(
+                f"The request body exceeds the limit of {limit} bytes.", code="request_too_large"
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
 
 @router.post(
     "/v1/chat/completions",
-    openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": _REQUEST_SCHEMA}}}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _REQUEST_SCHEMA}},
+        }
+    },
     summary="Create a chat completion (OpenAI-compatible)",
 )
 async def chat_completions(request: Request, runtime: RuntimeDep, cascade: CascadeDep) -> Response:
@@ -58,5 +64,6 @@ async def chat_completions(request: Request, runtime: RuntimeDep, cascade: Casca
             headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
         )
     answer = await cascade.complete(chat, raw, started)
-    return Response(orjson.dumps(answer.body), media_type="application/json",
-                    headers=answer.headers)
+    return Response(
+        orjson.dumps(answer.body), media_type="application/json", headers=answer.headers
+    )

@@ -25,8 +25,12 @@ async def readyz(runtime: RuntimeDep) -> Response:
     except Exception as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         return JSONResponse(
-            {"status": "unavailable", "store": "unreachable", "reason": reason,
-             "queued": store.queue_depth},
+            {
+                "status": "unavailable",
+                "store": "unreachable",
+                "reason": reason,
+                "queued": store.queue_depth,
+            },
             status_code=503,
         )
     return JSONResponse({"status": "ready", "store": "ok", "queued": store.queue_depth})

@@ -33,8 +33,12 @@ def create_engine(url: str, *, connect_timeout_s: float = 5.0) -> Engine:
         database = sa.engine.make_url(url).database
         if database and database != ":memory:":
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"timeout": connect_timeout_s},
-                                  json_serializer=_json, json_deserializer=orjson.loads)
+        engine = sa.create_engine(
+            url,
+            connect_args={"timeout": connect_timeout_s},
+            json_serializer=_json,
+            json_deserializer=orjson.loads,
+        )
 
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -62,7 +66,9 @@ def migrate(engine: Engine) -> None:
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as connection:
         if engine.dialect.name == "postgresql":
-            connection.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+            connection.execute(
+                sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY}
+            )
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 
