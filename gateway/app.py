@@ -38,6 +38,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 str(exc).splitlines()[0][:200],
             )
         store.start()
+        try:
+            await runtime.students.refresh()
+        except Exception as exc:  # noqa: BLE001 - teacher-only until the registry answers
+            log.warning("could not read the model registry: %s", str(exc).splitlines()[0])
+        poller = asyncio.create_task(runtime.students.poll(settings.server.registry_poll_s))
         for result in runtime.plugins.manager.hook.startup(app=app, settings=settings):
             if inspect.isawaitable(result):
                 await result
@@ -57,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            poller.cancel()
             await runtime.aclose()
             await asyncio.to_thread(store.stop)
 

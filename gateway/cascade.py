@@ -1,4 +1,10 @@
-"""Answering one chat request: today the teacher path (students join in the cascade).
+"""Answering one chat request: the student when it is confident, else the teacher.
+
+For a task with an active student the student predicts first (micro-batched, off the
+event loop); at or above the version's calibrated threshold it answers, and a sampled
+share of its answers is also sent to the teacher off the response path (audits). Below
+the threshold the request escalates to the teacher, and the student's guess is recorded
+beside the teacher's answer.
 
 Every answer, error or not, becomes one ExchangeRecord handed to the store without
 waiting; metrics are updated in the same place so the two never disagree.
@@ -19,6 +25,8 @@ from gateway.interfaces import InvalidTarget
 from gateway.runtime import Runtime, TaskRuntime
 from gateway.schemas import ChatCompletionRequest
 from gateway.store import ExchangeRecord
+from gateway.student_answers import Auditor, completion_body, student_can_answer, student_sse
+from gateway.students import LoadedStudent
 from gateway.teacher import TeacherStream, Usage
 
 log = logging.getLogger("distill_gateway")
@@ -31,11 +39,15 @@ class Answer:
 
 
 def _headers(record: ExchangeRecord) -> dict[str, str]:
-    return {
+    headers = {
         "x-distill-served-by": record.served_by,
         "x-distill-cost-usd": f"{record.cost_usd:.8f}",
         "x-distill-request-id": record.id,
     }
+    if record.student_version is not None:
+        headers["x-distill-student-version"] = record.student_version
+        headers["x-distill-confidence"] = f"{record.student_confidence or 0.0:.4f}"
+    return headers
 
 
 class Cascade:
@@ -43,6 +55,7 @@ class Cascade:
         self.runtime = runtime
         self.metrics = runtime.metrics
         self.store = runtime.store
+        self.audits = Auditor(self)
 
     def resolve(self, request: ChatCompletionRequest) -> TaskRuntime:
         runtime = self.runtime.resolve(request.model)
@@ -70,6 +83,10 @@ class Cascade:
     ) -> Answer:
         task = self.resolve(request)
         record = self._new_record(request, body, task)
+        loaded = await self._ask_student(request, task, record)
+        if loaded is not None:
+            response = self._serve_student(request, body, task, record, loaded, started)
+            return Answer(response, _headers(record))
         try:
             result = await task.teacher.complete(request.message_dicts(), request.teacher_params())
         except GatewayError as exc:
@@ -80,8 +97,8 @@ class Cascade:
         record.teacher_model = result.model
         record.response = response
         record.upstream_ms = result.upstream_ms
-        self._judge(record, task, _first_content(response))
-        self._finish(record, task, result.usage, started)
+        self.judge(record, task, _first_content(response))
+        self.finish(record, task, result.usage, started)
         return Answer(response, _headers(record))
 
     async def open_stream(
@@ -91,6 +108,11 @@ class Cascade:
         then return the SSE byte stream and the response headers."""
         task = self.resolve(request)
         record = self._new_record(request, body, task)
+        loaded = await self._ask_student(request, task, record)
+        if loaded is not None:
+            response = self._serve_student(request, body, task, record, loaded, started)
+            include_usage = bool((request.stream_options or {}).get("include_usage"))
+            return student_sse(response, include_usage), _headers(record)
         try:
             stream = await task.teacher.stream(request.message_dicts(), request.teacher_params())
         except GatewayError as exc:
@@ -153,12 +175,55 @@ class Cascade:
             if record.status == 200 and finish_reason is None:
                 record.error = record.error or "stream ended early (client disconnected?)"
             if record.status == 200:
-                self._judge(record, task, content)
-            self._finish(record, task, stream.usage, started)
+                self.judge(record, task, content)
+            self.finish(record, task, stream.usage, started)
         yield b"data: [DONE]\n\n"
 
+    # -- the student ---------------------------------------------------------------------
+    async def _ask_student(
+        self, request: ChatCompletionRequest, task: TaskRuntime, record: ExchangeRecord
+    ) -> LoadedStudent | None:
+        """The loaded student if it answers this request, else None (escalate)."""
+        if task.name is None or not student_can_answer(request):
+            return None
+        loaded = self.runtime.students.get(task.name)
+        if loaded is None or record.task_input is None:
+            return None
+        try:
+            prediction = await loaded.batcher.predict(record.task_input)
+        except Exception:  # noqa: BLE001 - a broken student must not fail the request
+            log.exception("student %s %s failed; escalating", task.name, loaded.version)
+            return None
+        record.student_version = loaded.version
+        record.student_target = prediction.target
+        record.student_confidence = prediction.confidence
+        loaded.stats.seen += 1
+        self.metrics.student_confidence.labels(task.metric_label).observe(prediction.confidence)
+        if not loaded.serves(prediction):
+            return None
+        loaded.stats.served += 1
+        return loaded
+
+    def _serve_student(
+        self,
+        request: ChatCompletionRequest,
+        body: dict[str, Any],
+        task: TaskRuntime,
+        record: ExchangeRecord,
+        loaded: LoadedStudent,
+        started: float,
+    ) -> dict[str, Any]:
+        content = task.task.render(record.student_target)
+        response = completion_body(record.id, request.model, content)
+        record.served_by = "student"
+        record.answer = content
+        record.response = response
+        self.audits.maybe_audit(request, body, task, record, loaded)
+        self.finish(record, task, Usage(), started)
+        return response
+
     # -- bookkeeping -------------------------------------------------------------------
-    def _judge(self, record: ExchangeRecord, task: TaskRuntime, answer: str | None) -> None:
+    def judge(self, record: ExchangeRecord, task: TaskRuntime, answer: str | None) -> None:
         """Normalise the teacher's answer into the task's target (or mark it invalid)."""
         record.answer = answer
         if answer is None:
@@ -172,7 +237,7 @@ class Cascade:
             record.error = f"invalid target: {exc}"
             self.metrics.invalid_targets.labels(task.metric_label).inc()
 
-    def _finish(
+    def finish(
         self, record: ExchangeRecord, task: TaskRuntime, usage: Usage, started: float
     ) -> None:
         record.prompt_tokens = usage.prompt_tokens
@@ -181,11 +246,13 @@ class Cascade:
         record.latency_ms = (time.perf_counter() - started) * 1000
         label = task.metric_label
         m = self.metrics
-        m.requests.labels(label, record.served_by, str(record.status)).inc()
-        m.latency.labels(label, record.served_by).observe(record.latency_ms / 1000)
-        m.overhead.labels(label, record.served_by).observe(
-            max(0.0, record.latency_ms - record.upstream_ms) / 1000
-        )
+        if record.kind == "request":
+            m.requests.labels(label, record.served_by, str(record.status)).inc()
+            m.latency.labels(label, record.served_by).observe(record.latency_ms / 1000)
+            m.overhead.labels(label, record.served_by).observe(
+                max(0.0, record.latency_ms - record.upstream_ms) / 1000
+            )
+            self._count_economics(record, task)
         if record.teacher_model is not None:
             m.teacher_tokens.labels(label, record.teacher_model, "prompt").inc(usage.prompt_tokens)
             m.teacher_tokens.labels(label, record.teacher_model, "completion").inc(
@@ -195,6 +262,24 @@ class Cascade:
         if record.status >= 400:  # a stream that broke off after it started
             m.errors.labels(label, "upstream_error").inc()
         self.store.submit(record)
+
+    def _count_economics(self, record: ExchangeRecord, task: TaskRuntime) -> None:
+        """Student share, and what the teacher alone would have cost for this answer."""
+        if record.status != 200:
+            return
+        label = task.metric_label
+        task.requests += 1
+        if record.served_by == "student":
+            task.student_served += 1
+            counterfactual = task.teacher_cost_ema or 0.0
+        else:
+            counterfactual = record.cost_usd
+            task.observe_teacher_cost(record.cost_usd)
+        task.counterfactual_usd += counterfactual
+        task.actual_usd += record.cost_usd
+        self.metrics.student_share.labels(label).set(task.student_served / task.requests)
+        self.metrics.counterfactual_cost.labels(label).inc(counterfactual)
+        self.metrics.savings.labels(label).set(task.counterfactual_usd - task.actual_usd)
 
     def _finish_error(
         self, record: ExchangeRecord, task: TaskRuntime, exc: GatewayError, started: float

@@ -85,8 +85,38 @@ class TeacherConfig(TeacherEndpoint):
         return [self, *self.fallbacks]
 
 
+class StudentConfig(_Strict):
+    trainer: str | None = Field(
+        default=None, description="registered trainer plugin; default: the task's own choice"
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="the trainer's options")
+
+
+class PolicyConfig(_Strict):
+    target_agreement: float = Field(
+        default=0.97, gt=0, le=1,
+        description="promised share of all answers that match what the teacher would say",
+    )
+    audit_rate: float = Field(
+        default=0.05, ge=0, le=1,
+        description="share of student answers also sent to the teacher, off the response path",
+    )
+    min_examples: int = Field(default=200, ge=10, description="train the first student at")
+    retrain_every: int = Field(default=500, ge=1, description="new examples between trainings")
+    holdout_fraction: float = Field(
+        default=0.2, gt=0, lt=1,
+        description="teacher labels kept out of training (by a hash of the input) to calibrate",
+    )
+    confidence_level: float = Field(
+        default=0.95, gt=0.5, lt=1,
+        description="confidence of the upper bound put on the student's disagreement rate",
+    )
+
+
 class TaskConfig(_Strict):
     plugin: str = Field(min_length=1, description="name of a registered task plugin")
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
     teacher: TeacherConfig | None = Field(
         default=None, description="defaults to default_teacher when omitted"
     )
@@ -99,6 +129,12 @@ class ServerConfig(_Strict):
     workers: int = Field(default=1, ge=1)
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    registry_poll_s: float = Field(
+        default=2.0, gt=0, description="how often a replica looks for newly promoted students"
+    )
+    max_concurrent_audits: int = Field(
+        default=32, ge=0, description="audits in flight at once; more are skipped, not queued"
+    )
 
 
 class StoreConfig(_Strict):

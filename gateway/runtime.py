@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -10,7 +11,9 @@ from gateway.config import ConfigError, Settings, TeacherConfig, format_validati
 from gateway.interfaces import Task
 from gateway.metrics import GatewayMetrics
 from gateway.plugins import Plugins, load_plugins
+from gateway.registry import Registry
 from gateway.store import ExchangeRecord, TrafficStore
+from gateway.students import StudentPool
 from gateway.teacher import TeacherClient
 
 PASSTHROUGH_TASK = "passthrough"
@@ -24,6 +27,18 @@ class TaskRuntime:
     task: Task
     teacher: TeacherClient
     metric_label: str = field(init=False)
+    requests: int = 0  # answered since start, for the student-share gauge
+    student_served: int = 0
+    teacher_cost_ema: float | None = None  # average teacher cost of one answer
+    counterfactual_usd: float = 0.0  # teacher-only cost of the same traffic
+    actual_usd: float = 0.0  # what was paid, audits included
+
+    def observe_teacher_cost(self, cost: float) -> None:
+        # An exponential average follows price or prompt-length drift without storing history.
+        if self.teacher_cost_ema is None:
+            self.teacher_cost_ema = cost
+        else:
+            self.teacher_cost_ema += 0.02 * (cost - self.teacher_cost_ema)
 
     def __post_init__(self) -> None:
         # Pass-through model names are client-chosen: one label keeps cardinality bounded.
@@ -94,6 +109,16 @@ class Runtime:
             settings.database, settings.spool_dir, settings.store, on_recorded=recorded
         )
         self.metrics.watch_store(self.store)
+        self.registry = Registry(self.store.engine, Path(settings.artifacts))
+        self.students = StudentPool(self.registry, self.plugins, self.tasks)
+
+        def swapped(task: str, version: str | None) -> None:
+            loaded = self.students.get(task)
+            threshold = loaded.threshold if loaded is not None else None
+            self.metrics.student_threshold.labels(task).set(
+                threshold if threshold is not None else float("nan"))
+
+        self.students.on_swap = swapped
 
     def resolve(self, model: str) -> TaskRuntime | None:
         """The task a request's ``model`` names, else pass-through, else None."""
@@ -107,3 +132,4 @@ class Runtime:
             clients.append(self.passthrough.teacher)
         for client in clients:
             await client.close()
+        self.students.close()

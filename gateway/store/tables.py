@@ -36,3 +36,31 @@ exchanges = sa.Table(
     sa.Index("ix_exchanges_task_created", "task", "created_at"),
     sa.Index("ix_exchanges_model_created", "model", "created_at"),
 )
+
+# One row per trained student; at most one "active" row per task (a partial unique index).
+student_versions = sa.Table(
+    "student_versions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("task", sa.String(128), nullable=False),
+    sa.Column("version", sa.String(32), nullable=False),
+    sa.Column("trainer", sa.String(128), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("promoted_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("train_examples", sa.Integer, nullable=False),
+    sa.Column("holdout_examples", sa.Integer, nullable=False),
+    sa.Column("threshold", sa.Float, nullable=True),
+    sa.Column("metrics", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("options", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("artifact_path", sa.Text, nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.UniqueConstraint("task", "version", name="uq_student_versions_task_version"),
+    sa.Index(
+        "uq_student_versions_one_active",
+        "task",
+        unique=True,
+        sqlite_where=sa.text("status = 'active'"),
+        postgresql_where=sa.text("status = 'active'"),
+    ),
+)

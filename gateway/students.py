@@ -1,0 +1,184 @@
+"""Serving students: micro-batched inference off the event loop, and hot swaps.
+
+Inference runs on one dedicated thread. The first request of an idle period is predicted
+at once (no batching delay); requests that arrive while a batch is running wait and go
+together in the next batch, so the batch size follows the load by itself.
+
+A replica polls the registry for the active version of each task; when it changes, the
+new student is loaded beside the old one and the reference swapped. Requests already
+holding the old student finish with it; none waits on a load or fails because of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.interfaces import Prediction, Student
+from gateway.plugins import Plugins
+from gateway.registry import Registry, StudentVersion
+
+log = logging.getLogger("distill_gateway.students")
+
+CALIBRATION_FILE = "calibration.json"  # held-out (confidence, agree) pairs, for audits
+
+
+class MicroBatcher:
+    def __init__(self, predict: Callable[[list[str]], list[Prediction]],
+                 executor: ThreadPoolExecutor, max_batch: int = 64) -> None:
+        self._predict = predict
+        self._executor = executor
+        self._max_batch = max_batch
+        self._pending: list[tuple[str, asyncio.Future[Prediction]]] = []
+        self._running = False
+
+    async def predict(self, text: str) -> Prediction:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Prediction] = loop.create_future()
+        self._pending.append((text, future))
+        if not self._running:
+            self._running = True
+            loop.create_task(self._drain(loop))
+        return await future
+
+    async def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                texts = [text for text, _ in batch]
+                try:
+                    predictions = await loop.run_in_executor(self._executor, self._predict, texts)
+                    if len(predictions) != len(batch):
+                        raise RuntimeError("the student returned a wrong number of predictions")
+                except Exception as exc:  # noqa: BLE001 - every waiter gets the error
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), prediction in zip(batch, predictions, strict=True):
+                    if not future.done():
+                        future.set_result(prediction)
+        finally:
+            self._running = False
+
+
+@dataclass
+class LiveStats:
+    """What this replica saw of a version: shares served and audited agreement."""
+
+    seen: int = 0
+    served: int = 0
+    audits: int = 0
+    audit_disagreements: int = 0
+
+    @property
+    def share_served(self) -> float:
+        return self.served / self.seen if self.seen else 0.0
+
+
+@dataclass
+class LoadedStudent:
+    task: str
+    version: str
+    threshold: float | None
+    student: Student
+    batcher: MicroBatcher
+    held_out: tuple[list[float], list[bool]] | None = None
+    stats: LiveStats = field(default_factory=LiveStats)
+
+    def serves(self, prediction: Prediction) -> bool:
+        return (self.threshold is not None and prediction.target is not None
+                and prediction.confidence >= self.threshold)
+
+
+def write_held_out(directory: Path, confidences: list[float], agrees: list[bool]) -> None:
+    (directory / CALIBRATION_FILE).write_text(
+        json.dumps({"confidences": confidences, "agrees": agrees}))
+
+
+def read_held_out(directory: Path) -> tuple[list[float], list[bool]] | None:
+    path = directory / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return [float(c) for c in data["confidences"]], [bool(a) for a in data["agrees"]]
+
+
+class StudentPool:
+    """The active student of each task on this replica."""
+
+    def __init__(self, registry: Registry, plugins: Plugins, tasks: dict[str, Any]) -> None:
+        self.registry = registry
+        self.plugins = plugins
+        self.tasks = tasks  # name -> TaskRuntime
+        self.current: dict[str, LoadedStudent] = {}
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill-student")
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill-loader")
+        self._lock = asyncio.Lock()
+        self.on_swap: Callable[[str, str | None], None] | None = None
+
+    def get(self, task: str) -> LoadedStudent | None:
+        return self.current.get(task)
+
+    def load(self, version: StudentVersion) -> LoadedStudent:
+        """Load a version's artifact (blocking; called in the loader thread)."""
+        runtime = self.tasks[version.task]
+        trainer_class = self.plugins.trainers.get(version.trainer)
+        trainer = trainer_class(trainer_class.Options.model_validate(version.options))
+        directory = Path(version.artifact_path)
+        student = trainer.load(directory, runtime.task)
+        return LoadedStudent(
+            task=version.task, version=version.version, threshold=version.threshold,
+            student=student, batcher=MicroBatcher(student.predict, self.executor),
+            held_out=read_held_out(directory),
+        )
+
+    async def refresh(self) -> None:
+        """Match this replica to the registry: load new active versions, drop retired."""
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            active = await loop.run_in_executor(self._loader, self.registry.active_versions)
+            for task, (version, threshold) in active.items():
+                if task not in self.tasks:
+                    continue
+                loaded = self.current.get(task)
+                if loaded is not None and loaded.version == version:
+                    loaded.threshold = threshold  # recalibrated in place
+                    continue
+                try:
+                    record = await loop.run_in_executor(
+                        self._loader, self.registry.get, task, version)
+                    new = await loop.run_in_executor(self._loader, self.load, record)
+                except Exception:  # noqa: BLE001 - keep serving with what we have
+                    log.exception("could not load %s %s; keeping the current student",
+                                  task, version)
+                    continue
+                self.current[task] = new  # the swap: one reference assignment
+                log.info("task %s now served by student %s (threshold %s)", task, version,
+                         threshold)
+                if self.on_swap is not None:
+                    self.on_swap(task, version)
+            for task in [t for t in self.current if t not in active]:
+                old = self.current.pop(task)
+                log.info("task %s: student %s retired; teacher only", task, old.version)
+                if self.on_swap is not None:
+                    self.on_swap(task, None)
+
+    async def poll(self, interval_s: float) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - a database hiccup must not stop polling
+                log.warning("registry poll failed", exc_info=True)
+            await asyncio.sleep(interval_s)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self._loader.shutdown(wait=False, cancel_futures=True)
