@@ -452,6 +452,10 @@ def machine_info() -> dict[str, Any]:
         "litellm_proxy": package_version(PROXY_VENV / "bin" / "python", "litellm")
         if (PROXY_VENV / "bin" / "python").exists()
         else None,
+        # None when the proxy venv was built without the split-out `litellm-proxy` wheel
+        "litellm_proxy_dist": package_version(PROXY_VENV / "bin" / "python", "litellm-proxy")
+        if (PROXY_VENV / "bin" / "python").exists()
+        else None,
         "wrk": shutil.which("wrk") is not None,
     }
 
