@@ -5,7 +5,7 @@ Teacher answers agree by definition, so only student answers that disagree count
 it: at threshold t the end-to-end disagreement is D(t) = P(confidence >= t and wrong).
 
 We estimate D(t) on teacher labels the serving student never trained on, and bound it
-from above (Clopper–Pearson, one-sided, level ``1 - confidence_level``) instead of
+from above (Clopper-Pearson, one-sided, level ``1 - confidence_level``) instead of
 trusting the point estimate. Thresholds are tested from the most to the least
 conservative and we stop at the first one whose bound exceeds ``1 - target``: fixed-
 sequence testing (as in Learn-then-Test), so scanning many thresholds does not inflate the
@@ -23,7 +23,7 @@ from scipy.stats import beta
 
 
 def upper_bound(errors: int, n: int, confidence_level: float) -> float:
-    """One-sided Clopper–Pearson upper bound on a binomial proportion."""
+    """One-sided Clopper-Pearson upper bound on a binomial proportion."""
     if n == 0:
         return 1.0
     if errors >= n:
@@ -84,29 +84,58 @@ def calibrate(
     curve = _curve(conf, wrong_so_far, candidates, n, confidence_level, curve_points)
     student_agreement = float(ok.mean())
     if chosen is None:
-        return Calibration(target, confidence_level, n, None, 0.0, 1.0,
-                           upper_bound(0, n, confidence_level), student_agreement, curve)
+        return Calibration(
+            target,
+            confidence_level,
+            n,
+            None,
+            0.0,
+            1.0,
+            upper_bound(0, n, confidence_level),
+            student_agreement,
+            curve,
+        )
     served = chosen + 1
     return Calibration(
-        target=target, confidence_level=confidence_level, n=n,
-        threshold=float(conf[chosen]), coverage=served / n,
+        target=target,
+        confidence_level=confidence_level,
+        n=n,
+        threshold=float(conf[chosen]),
+        coverage=served / n,
         agreement=1.0 - int(wrong_so_far[chosen]) / n,
-        disagreement_bound=bound_at_choice, student_agreement=student_agreement, curve=curve,
+        disagreement_bound=bound_at_choice,
+        student_agreement=student_agreement,
+        curve=curve,
     )
 
 
-def _curve(conf: np.ndarray, wrong: np.ndarray, candidates: np.ndarray, n: int,
-           confidence_level: float, points: int) -> list[dict[str, float]]:
-    picks = candidates if len(candidates) <= points else candidates[
-        np.unique(np.linspace(0, len(candidates) - 1, points).round().astype(int))]
-    return [{"threshold": float(conf[i]), "coverage": (int(i) + 1) / n,
-             "agreement": 1.0 - int(wrong[i]) / n,
-             "agreement_bound": 1.0 - upper_bound(int(wrong[i]), n, confidence_level)}
-            for i in picks]
+def _curve(
+    conf: np.ndarray,
+    wrong: np.ndarray,
+    candidates: np.ndarray,
+    n: int,
+    confidence_level: float,
+    points: int,
+) -> list[dict[str, float]]:
+    picks = (
+        candidates
+        if len(candidates) <= points
+        else candidates[np.unique(np.linspace(0, len(candidates) - 1, points).round().astype(int))]
+    )
+    return [
+        {
+            "threshold": float(conf[i]),
+            "coverage": (int(i) + 1) / n,
+            "agreement": 1.0 - int(wrong[i]) / n,
+            "agreement_bound": 1.0 - upper_bound(int(wrong[i]), n, confidence_level),
+        }
+        for i in picks
+    ]
 
 
-def naive_threshold(confidences: Sequence[float], agrees: Sequence[bool],
-                    target: float) -> float | None:
+def naive_threshold(
+    confidences: Sequence[float], agrees: Sequence[bool], target: float
+) -> float | None:
     """The baseline the promise breaks with: the point estimate, no margin."""
     conf = np.asarray(confidences, dtype=float)
     ok = np.asarray(agrees, dtype=bool)
@@ -119,15 +148,21 @@ def naive_threshold(confidences: Sequence[float], agrees: Sequence[bool],
     return float(conf[fits[-1]]) if fits.size else None
 
 
-def audit_bound(served_audits: int, served_disagreements: int, share_served: float,
-                confidence_level: float) -> float:
+def audit_bound(
+    served_audits: int, served_disagreements: int, share_served: float, confidence_level: float
+) -> float:
     """Upper bound on the live end-to-end disagreement: the share served times the bound
     on the audited disagreement rate among student answers."""
     return share_served * upper_bound(served_disagreements, served_audits, confidence_level)
 
 
-def tighten(confidences: Sequence[float], agrees: Sequence[bool], target: float,
-            factor: float, confidence_level: float = 0.95) -> Calibration:
+def tighten(
+    confidences: Sequence[float],
+    agrees: Sequence[bool],
+    target: float,
+    factor: float,
+    confidence_level: float = 0.95,
+) -> Calibration:
     """Recalibrate as if the student were ``factor`` times as wrong as the held-out data
     says (factor = live audited error / held-out error at the current threshold): the
     promise is kept against what audits show, not what calibration hoped."""

@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gateway import cli_models
+
 if TYPE_CHECKING:
     from gateway.config import Settings
 
@@ -119,6 +121,9 @@ def demo(
     from gateway.demo import run_demo
 
     run_demo(requests=requests, port=port, keep_serving=keep_serving)
+
+
+cli_models.register(app)
 
 
 def main() -> None:

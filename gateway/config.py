@@ -94,21 +94,29 @@ class StudentConfig(_Strict):
 
 class PolicyConfig(_Strict):
     target_agreement: float = Field(
-        default=0.97, gt=0, le=1,
+        default=0.97,
+        gt=0,
+        le=1,
         description="promised share of all answers that match what the teacher would say",
     )
     audit_rate: float = Field(
-        default=0.05, ge=0, le=1,
+        default=0.05,
+        ge=0,
+        le=1,
         description="share of student answers also sent to the teacher, off the response path",
     )
     min_examples: int = Field(default=200, ge=10, description="train the first student at")
     retrain_every: int = Field(default=500, ge=1, description="new examples between trainings")
     holdout_fraction: float = Field(
-        default=0.2, gt=0, lt=1,
+        default=0.2,
+        gt=0,
+        lt=1,
         description="teacher labels kept out of training (by a hash of the input) to calibrate",
     )
     confidence_level: float = Field(
-        default=0.95, gt=0.5, lt=1,
+        default=0.95,
+        gt=0.5,
+        lt=1,
         description="confidence of the upper bound put on the student's disagreement rate",
     )
 

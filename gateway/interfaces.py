@@ -35,6 +35,8 @@ class Task(ABC):
     """
 
     Options: ClassVar[type[BaseModel]] = NoOptions
+    #: The trainer used when the config names none (``tasks.<name>.student.trainer``).
+    default_trainer: ClassVar[str | None] = None
 
     def __init__(self, name: str, options: BaseModel) -> None:
         self.name = name

@@ -84,35 +84,49 @@ class GatewayMetrics:
         )
 
         self.student_confidence = Histogram(
-            "distill_student_confidence", "Student confidence on requests it was asked.",
-            ["task"], buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98,
-                               0.99, 1.0), registry=r,
+            "distill_student_confidence",
+            "Student confidence on requests it was asked.",
+            ["task"],
+            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0),
+            registry=r,
         )
         self.student_share = Gauge(
-            "distill_student_share", "Share of this task's answers served by the student "
-            "(since start).", ["task"], registry=r,
+            "distill_student_share",
+            "Share of this task's answers served by the student (since start).",
+            ["task"],
+            registry=r,
         )
         self.student_threshold = Gauge(
-            "distill_student_threshold", "Confidence threshold of the active student.",
-            ["task"], registry=r,
+            "distill_student_threshold",
+            "Confidence threshold of the active student.",
+            ["task"],
+            registry=r,
         )
         self.audits = Counter(
-            "distill_audits", "Student answers checked against the teacher, by outcome.",
-            ["task", "outcome"], registry=r,
+            "distill_audits",
+            "Student answers checked against the teacher, by outcome.",
+            ["task", "outcome"],
+            registry=r,
         )
         self.audited_agreement = Gauge(
             "distill_audited_agreement",
             "Estimated end-to-end agreement with the teacher from audits of the active "
-            "student (1 - share served x audited disagreement rate).", ["task"], registry=r,
+            "student (1 - share served x audited disagreement rate).",
+            ["task"],
+            registry=r,
         )
         self.counterfactual_cost = Counter(
             "distill_counterfactual_teacher_cost_usd",
             "What the teacher alone would have cost for the same traffic (estimated for "
-            "student answers from the task's average teacher cost).", ["task"], registry=r,
+            "student answers from the task's average teacher cost).",
+            ["task"],
+            registry=r,
         )
         self.savings = Gauge(
-            "distill_savings_usd", "Counterfactual teacher cost minus actual cost, audits "
-            "included (since start).", ["task"], registry=r,
+            "distill_savings_usd",
+            "Counterfactual teacher cost minus actual cost, audits included (since start).",
+            ["task"],
+            registry=r,
         )
 
     def watch_store(self, store: TrafficStore) -> None:

@@ -20,7 +20,14 @@ from sqlalchemy.engine import Engine
 
 from gateway.store.tables import student_versions as sv
 
-TRAINING, CANDIDATE, ACTIVE, RETIRED, FAILED = "training", "candidate", "active", "retired", "failed"
+TRAINING, CANDIDATE, ACTIVE, RETIRED, FAILED = (
+    "training",
+    "candidate",
+    "active",
+    "retired",
+    "failed",
+)
+ROLLED_BACK = "rolled back"  # a retired version's note: never a rollback target again
 
 
 class RegistryError(RuntimeError):
@@ -88,20 +95,33 @@ class Registry:
             return {r.task: (r.version, r.threshold) for r in conn.execute(query)}
 
     # -- writes --------------------------------------------------------------------------
-    def create(self, task: str, trainer: str, options: dict[str, Any], train_examples: int,
-               holdout_examples: int) -> StudentVersion:
+    def create(
+        self,
+        task: str,
+        trainer: str,
+        options: dict[str, Any],
+        train_examples: int,
+        holdout_examples: int,
+    ) -> StudentVersion:
         """A new version in state ``training``; its artifact goes to ``partial_dir``."""
         with self.engine.begin() as conn:
             count = conn.execute(
                 sa.select(sa.func.count()).select_from(sv).where(sv.c.task == task)
             ).scalar_one()
             version = f"v{count + 1:04d}"
-            conn.execute(sv.insert().values(
-                task=task, version=version, trainer=trainer, status=TRAINING,
-                created_at=datetime.now(UTC), train_examples=train_examples,
-                holdout_examples=holdout_examples, options=options,
-                artifact_path=str(self.artifact_dir(task, version)),
-            ))
+            conn.execute(
+                sv.insert().values(
+                    task=task,
+                    version=version,
+                    trainer=trainer,
+                    status=TRAINING,
+                    created_at=datetime.now(UTC),
+                    train_examples=train_examples,
+                    holdout_examples=holdout_examples,
+                    options=options,
+                    artifact_path=str(self.artifact_dir(task, version)),
+                )
+            )
         return self.get(task, version)
 
     def partial_dir(self, version: StudentVersion) -> Path:
@@ -111,8 +131,9 @@ class Registry:
         path.mkdir(parents=True)
         return path
 
-    def complete(self, version: StudentVersion, threshold: float | None,
-                 metrics: dict[str, Any]) -> StudentVersion:
+    def complete(
+        self, version: StudentVersion, threshold: float | None, metrics: dict[str, Any]
+    ) -> StudentVersion:
         """The artifact is fully written: move it in place, then mark the version candidate."""
         partial = Path(version.artifact_path + ".partial")
         final = Path(version.artifact_path)
@@ -126,24 +147,34 @@ class Registry:
         shutil.rmtree(version.artifact_path + ".partial", ignore_errors=True)
         self._update(version, status=FAILED, error=error[:2000])
 
-    def update_threshold(self, task: str, version: str, threshold: float,
-                         metrics: dict[str, Any]) -> None:
+    def update_threshold(
+        self, task: str, version: str, threshold: float, metrics: dict[str, Any]
+    ) -> None:
         with self.engine.begin() as conn:
-            conn.execute(sv.update().where(sv.c.task == task, sv.c.version == version)
-                         .values(threshold=threshold, metrics=metrics))
+            conn.execute(
+                sv.update()
+                .where(sv.c.task == task, sv.c.version == version)
+                .values(threshold=threshold, metrics=metrics)
+            )
 
     def promote(self, task: str, version: str) -> StudentVersion:
         target = self.get(task, version)
         if target.status not in (CANDIDATE, RETIRED, ACTIVE):
-            raise RegistryError(f"{task} {version} is {target.status}; only a candidate or a "
-                                "retired version can be promoted")
+            raise RegistryError(
+                f"{task} {version} is {target.status}; only a candidate or a "
+                "retired version can be promoted"
+            )
         if not Path(target.artifact_path).is_dir():
             raise RegistryError(f"{task} {version}: artifact {target.artifact_path} is missing")
         with self.engine.begin() as conn:
-            conn.execute(sv.update().where(sv.c.task == task, sv.c.status == ACTIVE)
-                         .values(status=RETIRED))
-            conn.execute(sv.update().where(sv.c.task == task, sv.c.version == version)
-                         .values(status=ACTIVE, promoted_at=datetime.now(UTC)))
+            conn.execute(
+                sv.update().where(sv.c.task == task, sv.c.status == ACTIVE).values(status=RETIRED)
+            )
+            conn.execute(
+                sv.update()
+                .where(sv.c.task == task, sv.c.version == version)
+                .values(status=ACTIVE, promoted_at=datetime.now(UTC), error=None)
+            )
         return self.get(task, version)
 
     def rollback(self, task: str) -> StudentVersion | None:
@@ -152,18 +183,28 @@ class Registry:
         current = self.active(task)
         if current is None:
             raise RegistryError(f"task {task!r} has no active version to roll back")
-        earlier = [v for v in self.versions(task)
-                   if v.status == RETIRED and v.promoted_at is not None
-                   and Path(v.artifact_path).is_dir()
-                   and _before(v.promoted_at, current.promoted_at)]
+        earlier = [
+            v
+            for v in self.versions(task)
+            if v.status == RETIRED
+            and v.promoted_at is not None
+            and v.error != ROLLED_BACK
+            and Path(v.artifact_path).is_dir()
+            and _before(v.promoted_at, current.promoted_at)
+        ]
         previous = max(earlier, key=lambda v: _aware(v.promoted_at)) if earlier else None
         with self.engine.begin() as conn:
-            conn.execute(sv.update().where(sv.c.task == task, sv.c.version == current.version)
-                         .values(status=RETIRED, error="rolled back"))
+            conn.execute(
+                sv.update()
+                .where(sv.c.task == task, sv.c.version == current.version)
+                .values(status=RETIRED, error=ROLLED_BACK)
+            )
             if previous is not None:
-                conn.execute(sv.update()
-                             .where(sv.c.task == task, sv.c.version == previous.version)
-                             .values(status=ACTIVE, promoted_at=datetime.now(UTC)))
+                conn.execute(
+                    sv.update()
+                    .where(sv.c.task == task, sv.c.version == previous.version)
+                    .values(status=ACTIVE, promoted_at=datetime.now(UTC))
+                )
         return self.get(task, previous.version) if previous is not None else None
 
     def prune(self, task: str, keep: int) -> list[str]:
@@ -178,8 +219,11 @@ class Registry:
 
     def _update(self, version: StudentVersion, **values: Any) -> None:
         with self.engine.begin() as conn:
-            conn.execute(sv.update().where(sv.c.task == version.task,
-                                           sv.c.version == version.version).values(**values))
+            conn.execute(
+                sv.update()
+                .where(sv.c.task == version.task, sv.c.version == version.version)
+                .values(**values)
+            )
 
 
 def _aware(moment: datetime | None) -> datetime:

@@ -116,7 +116,8 @@ class Runtime:
             loaded = self.students.get(task)
             threshold = loaded.threshold if loaded is not None else None
             self.metrics.student_threshold.labels(task).set(
-                threshold if threshold is not None else float("nan"))
+                threshold if threshold is not None else float("nan")
+            )
 
         self.students.on_swap = swapped
 

@@ -43,8 +43,13 @@ def completion_body(record_id: str, model: str, content: str) -> dict[str, Any]:
         "created": int(time.time()),
         "model": model,
         "system_fingerprint": "distill-student",
-        "choices": [{"index": 0, "finish_reason": "stop",
-                     "message": {"role": "assistant", "content": content}}],
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": content},
+            }
+        ],
         # The student is free: no tokens are billed for its answers.
         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
     }
@@ -52,17 +57,27 @@ def completion_body(record_id: str, model: str, content: str) -> dict[str, Any]:
 
 async def student_sse(response: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
     """A student answer as an SSE stream: role, the whole content, the finish."""
-    base = {"id": response["id"], "object": "chat.completion.chunk",
-            "created": response["created"], "model": response["model"],
-            "system_fingerprint": response["system_fingerprint"]}
+    base = {
+        "id": response["id"],
+        "object": "chat.completion.chunk",
+        "created": response["created"],
+        "model": response["model"],
+        "system_fingerprint": response["system_fingerprint"],
+    }
     content = response["choices"][0]["message"]["content"]
-    for delta, finish in (({"role": "assistant", "content": ""}, None),
-                          ({"content": content}, None), ({}, "stop")):
+    for delta, finish in (
+        ({"role": "assistant", "content": ""}, None),
+        ({"content": content}, None),
+        ({}, "stop"),
+    ):
         chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
         yield b"data: " + orjson.dumps(chunk) + b"\n\n"
     if include_usage:
-        yield b"data: " + orjson.dumps({**base, "choices": [], "usage": response["usage"]}) + (
-            b"\n\n")
+        yield (
+            b"data: "
+            + orjson.dumps({**base, "choices": [], "usage": response["usage"]})
+            + (b"\n\n")
+        )
     yield b"data: [DONE]\n\n"
 
 
@@ -74,8 +89,14 @@ class Auditor:
         self.cascade = cascade
         self._running: set[asyncio.Task[None]] = set()
 
-    def maybe_audit(self, request: ChatCompletionRequest, body: dict[str, Any],
-                    task: TaskRuntime, record: ExchangeRecord, loaded: LoadedStudent) -> None:
+    def maybe_audit(
+        self,
+        request: ChatCompletionRequest,
+        body: dict[str, Any],
+        task: TaskRuntime,
+        record: ExchangeRecord,
+        loaded: LoadedStudent,
+    ) -> None:
         runtime = self.cascade.runtime
         assert task.name is not None
         rate = runtime.settings.tasks[task.name].policy.audit_rate
@@ -85,17 +106,30 @@ class Auditor:
             self.cascade.metrics.audits.labels(task.metric_label, "skipped").inc()
             return
         job = asyncio.get_running_loop().create_task(
-            self._audit(request, body, task, record, loaded))
+            self._audit(request, body, task, record, loaded)
+        )
         self._running.add(job)
         job.add_done_callback(self._running.discard)
 
-    async def _audit(self, request: ChatCompletionRequest, body: dict[str, Any],
-                     task: TaskRuntime, record: ExchangeRecord, loaded: LoadedStudent) -> None:
+    async def _audit(
+        self,
+        request: ChatCompletionRequest,
+        body: dict[str, Any],
+        task: TaskRuntime,
+        record: ExchangeRecord,
+        loaded: LoadedStudent,
+    ) -> None:
         cascade = self.cascade
         audit = ExchangeRecord(
-            model=record.model, task=record.task, request=body, served_by="teacher",
-            status=200, kind="audit", task_input=record.task_input,
-            student_version=record.student_version, student_target=record.student_target,
+            model=record.model,
+            task=record.task,
+            request=body,
+            served_by="teacher",
+            status=200,
+            kind="audit",
+            task_input=record.task_input,
+            student_version=record.student_version,
+            student_target=record.student_target,
             student_confidence=record.student_confidence,
         )
         started = time.perf_counter()
@@ -129,15 +163,23 @@ class Auditor:
         stats = loaded.stats
         rate = stats.audit_disagreements / stats.audits
         self.cascade.metrics.audited_agreement.labels(task.metric_label).set(
-            1.0 - stats.share_served * rate)
+            1.0 - stats.share_served * rate
+        )
         policy = self.cascade.runtime.settings.tasks[loaded.task].policy
-        bound = audit_bound(stats.audits, stats.audit_disagreements, stats.share_served,
-                            policy.confidence_level)
+        bound = audit_bound(
+            stats.audits, stats.audit_disagreements, stats.share_served, policy.confidence_level
+        )
         if stats.audits >= 30 and bound > 1.0 - policy.target_agreement:
-            log.warning("task %s student %s: audited agreement bound %.4f is below the "
-                        "target %.3f (%d audits, %d disagreements)", loaded.task,
-                        loaded.version, 1.0 - bound, policy.target_agreement, stats.audits,
-                        stats.audit_disagreements)
+            log.warning(
+                "task %s student %s: audited agreement bound %.4f is below the "
+                "target %.3f (%d audits, %d disagreements)",
+                loaded.task,
+                loaded.version,
+                1.0 - bound,
+                policy.target_agreement,
+                stats.audits,
+                stats.audit_disagreements,
+            )
 
 
 def _first_content(response: dict[str, Any]) -> str | None:

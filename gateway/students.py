@@ -30,13 +30,18 @@ CALIBRATION_FILE = "calibration.json"  # held-out (confidence, agree) pairs, for
 
 
 class MicroBatcher:
-    def __init__(self, predict: Callable[[list[str]], list[Prediction]],
-                 executor: ThreadPoolExecutor, max_batch: int = 64) -> None:
+    def __init__(
+        self,
+        predict: Callable[[list[str]], list[Prediction]],
+        executor: ThreadPoolExecutor,
+        max_batch: int = 64,
+    ) -> None:
         self._predict = predict
         self._executor = executor
         self._max_batch = max_batch
         self._pending: list[tuple[str, asyncio.Future[Prediction]]] = []
         self._running = False
+        self._drainer: asyncio.Task[None] | None = None  # held so it is not collected
 
     async def predict(self, text: str) -> Prediction:
         loop = asyncio.get_running_loop()
@@ -44,7 +49,7 @@ class MicroBatcher:
         self._pending.append((text, future))
         if not self._running:
             self._running = True
-            loop.create_task(self._drain(loop))
+            self._drainer = loop.create_task(self._drain(loop))
         return await future
 
     async def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -57,7 +62,7 @@ class MicroBatcher:
                     predictions = await loop.run_in_executor(self._executor, self._predict, texts)
                     if len(predictions) != len(batch):
                         raise RuntimeError("the student returned a wrong number of predictions")
-                except Exception as exc:  # noqa: BLE001 - every waiter gets the error
+                except Exception as exc:
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
@@ -94,13 +99,17 @@ class LoadedStudent:
     stats: LiveStats = field(default_factory=LiveStats)
 
     def serves(self, prediction: Prediction) -> bool:
-        return (self.threshold is not None and prediction.target is not None
-                and prediction.confidence >= self.threshold)
+        return (
+            self.threshold is not None
+            and prediction.target is not None
+            and prediction.confidence >= self.threshold
+        )
 
 
 def write_held_out(directory: Path, confidences: list[float], agrees: list[bool]) -> None:
     (directory / CALIBRATION_FILE).write_text(
-        json.dumps({"confidences": confidences, "agrees": agrees}))
+        json.dumps({"confidences": confidences, "agrees": agrees})
+    )
 
 
 def read_held_out(directory: Path) -> tuple[list[float], list[bool]] | None:
@@ -135,8 +144,11 @@ class StudentPool:
         directory = Path(version.artifact_path)
         student = trainer.load(directory, runtime.task)
         return LoadedStudent(
-            task=version.task, version=version.version, threshold=version.threshold,
-            student=student, batcher=MicroBatcher(student.predict, self.executor),
+            task=version.task,
+            version=version.version,
+            threshold=version.threshold,
+            student=student,
+            batcher=MicroBatcher(student.predict, self.executor),
             held_out=read_held_out(directory),
         )
 
@@ -154,15 +166,18 @@ class StudentPool:
                     continue
                 try:
                     record = await loop.run_in_executor(
-                        self._loader, self.registry.get, task, version)
+                        self._loader, self.registry.get, task, version
+                    )
                     new = await loop.run_in_executor(self._loader, self.load, record)
-                except Exception:  # noqa: BLE001 - keep serving with what we have
-                    log.exception("could not load %s %s; keeping the current student",
-                                  task, version)
+                except Exception:
+                    log.exception(
+                        "could not load %s %s; keeping the current student", task, version
+                    )
                     continue
                 self.current[task] = new  # the swap: one reference assignment
-                log.info("task %s now served by student %s (threshold %s)", task, version,
-                         threshold)
+                log.info(
+                    "task %s now served by student %s (threshold %s)", task, version, threshold
+                )
                 if self.on_swap is not None:
                     self.on_swap(task, version)
             for task in [t for t in self.current if t not in active]:
@@ -175,7 +190,7 @@ class StudentPool:
         while True:
             try:
                 await self.refresh()
-            except Exception:  # noqa: BLE001 - a database hiccup must not stop polling
+            except Exception:
                 log.warning("registry poll failed", exc_info=True)
             await asyncio.sleep(interval_s)
 

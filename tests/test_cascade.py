@@ -1,0 +1,192 @@
+"""The cascade end to end: traffic → train → promote → the running gateway swaps the
+student in and answers with it when confident, escalates when not, audits a share."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from gateway.app import create_app
+from gateway.config import Settings
+from gateway.testing.teacher_server import TeacherServer
+from gateway.training import Workspace
+from tests.conftest import LABELS, make_settings
+from tests.servers import GatewayServer
+
+# "card_arrival" -> "arrival" is a word only that label has: the student learns it.
+QUESTIONS = {
+    f"please help with my {LABELS[i % 3].replace('_', ' ')} issue {i}": LABELS[i % 3]
+    for i in range(150)
+}
+
+
+def label_teacher(body: dict[str, Any]) -> str:
+    return QUESTIONS.get(body["messages"][-1]["content"], "card_arrival")
+
+
+def cascade_settings(tmp_path: Path, teacher: TeacherServer, audit_rate: float = 0.0) -> Settings:
+    return make_settings(
+        tmp_path, teacher, plugins=["tests.word_vote_trainer"],
+        server={"registry_poll_s": 0.1},
+        tasks={"support-intents": {
+            "plugin": "classify", "options": {"labels": LABELS},
+            "student": {"trainer": "word-vote"},
+            "policy": {"target_agreement": 0.9, "min_examples": 20, "holdout_fraction": 0.25,
+                       "audit_rate": audit_rate},
+        }},
+    )
+
+
+def ask(client: openai.OpenAI, text: str) -> Any:
+    return client.chat.completions.with_raw_response.create(
+        model="support-intents", messages=[{"role": "user", "content": text}])
+
+
+def wait_for_student(app: Any, version: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        loaded = app.state.runtime.students.get("support-intents")
+        if loaded is not None and loaded.version == version:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the gateway did not pick up {version}")
+
+
+@pytest.fixture
+def trained_gateway(tmp_path: Path, teacher: TeacherServer):  # type: ignore[no-untyped-def]
+    teacher.responder = label_teacher
+    settings = cascade_settings(tmp_path, teacher, audit_rate=1.0)
+    app = create_app(settings)
+    with GatewayServer(app) as gateway:
+        client = openai.OpenAI(base_url=gateway.base_url, api_key="k", max_retries=0)
+        for text in QUESTIONS:  # teacher-only traffic becomes training data
+            assert ask(client, text).headers["x-distill-served-by"] == "teacher"
+        assert app.state.runtime.store.flush(10)
+        result = Workspace(settings).train_round("support-intents")
+        assert result.promoted, result.reason
+        assert result.version is not None
+        wait_for_student(app, result.version.version)
+        yield app, gateway, client, result
+
+
+def test_student_serves_confident_requests_and_escalates_the_rest(
+    trained_gateway: Any, teacher: TeacherServer
+) -> None:
+    app, gateway, client, result = trained_gateway
+    calibration = result.evaluation.calibration
+    assert calibration.threshold == pytest.approx(1.0)
+    assert calibration.coverage == 1.0 and calibration.n == len(_held_out(app))
+    seen = "my card arrival question"  # never asked, but every known word says card_arrival
+    teacher_calls = len(teacher.requests)
+    raw = ask(client, seen)
+    assert raw.headers["x-distill-served-by"] == "student"
+    assert raw.headers["x-distill-student-version"] == result.version.version
+    assert float(raw.headers["x-distill-confidence"]) == pytest.approx(1.0)
+    assert float(raw.headers["x-distill-cost-usd"]) == 0.0
+    assert raw.parse().choices[0].message.content == "card_arrival"
+    raw = ask(client, "a question nobody asked before")
+    assert raw.headers["x-distill-served-by"] == "teacher"
+    assert float(raw.headers["x-distill-confidence"]) == 0.0
+    store = app.state.runtime.store
+    deadline = time.monotonic() + 10
+    while store.count(kind="audit") < 1 and time.monotonic() < deadline:
+        store.flush(1)
+    assert store.flush(10)
+    assert len(teacher.requests) == teacher_calls + 2  # the audit, and the escalation
+    student_row = store.fetch(served_by="student", kind="request")[0]
+    assert student_row["student_target"] == "card_arrival"
+    assert student_row["cost_usd"] == 0.0
+    audit = store.fetch(kind="audit")[0]
+    # the teacher answers "card_arrival" for questions it does not know: they agree
+    assert audit["task_input"] == seen and audit["target"] == "card_arrival"
+    assert audit["student_target"] == "card_arrival" and audit["cost_usd"] > 0
+    escalated = store.fetch(task_input="a question nobody asked before")[0]
+    assert escalated["served_by"] == "teacher"
+    assert escalated["student_version"] == result.version.version
+    assert escalated["student_confidence"] == 0.0
+    metrics = httpx.get(gateway.url + "/metrics").text
+    assert 'distill_audits_total{outcome="agree",task="support-intents"} 1.0' in metrics
+    assert 'distill_audited_agreement{task="support-intents"}' in metrics
+    assert 'distill_student_share{task="support-intents"}' in metrics
+    assert "distill_savings_usd" in metrics and "distill_student_confidence_bucket" in metrics
+
+
+def _held_out(app: Any) -> list[str]:
+    from gateway.training import is_held_out
+
+    return [t for t in QUESTIONS if is_held_out(t, 0.25)]
+
+
+def test_student_answers_streams(trained_gateway: Any) -> None:
+    app, gateway, client, _ = trained_gateway
+    seen = next(t for t in QUESTIONS if t not in _held_out(app))
+    chunks = list(client.chat.completions.create(
+        model="support-intents", stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": seen}]))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        QUESTIONS[seen])
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 0
+
+
+def test_requests_a_student_cannot_honour_go_to_the_teacher(trained_gateway: Any) -> None:
+    app, gateway, client, _ = trained_gateway
+    seen = next(t for t in QUESTIONS if t not in _held_out(app))
+    raw = client.chat.completions.with_raw_response.create(
+        model="support-intents", n=2, messages=[{"role": "user", "content": seen}])
+    assert raw.headers["x-distill-served-by"] == "teacher"
+    assert len(raw.parse().choices) == 2
+
+
+def test_hot_swap_under_concurrent_requests(trained_gateway: Any, tmp_path: Path) -> None:
+    app, gateway, client, first = trained_gateway
+    settings = app.state.runtime.settings
+    workspace = Workspace(settings)
+    seen = [t for t in QUESTIONS if t not in _held_out(app)]
+
+    async def storm() -> list[tuple[int, str | None]]:
+        async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key="k",
+                                      max_retries=0) as aclient:
+            async def one(i: int) -> tuple[int, str | None]:
+                raw = await aclient.chat.completions.with_raw_response.create(
+                    model="support-intents",
+                    messages=[{"role": "user", "content": seen[i % len(seen)]}])
+                return raw.http_response.status_code, raw.headers.get(
+                    "x-distill-student-version")
+
+            results: list[tuple[int, str | None]] = []
+            for wave in range(30):
+                results += await asyncio.gather(*[one(wave * 10 + i) for i in range(10)])
+                if wave == 5:  # promote a new version while traffic flows
+                    second = await asyncio.to_thread(workspace.train_round, "support-intents",
+                                                     "always")
+                    assert second.promoted
+                await asyncio.sleep(0.02)
+            return results
+
+    results = asyncio.run(storm())
+    assert all(status == 200 for status, _ in results)
+    versions = {v for _, v in results}
+    assert first.version.version in versions and "v0002" in versions
+    assert results[-1][1] == "v0002"
+
+
+def test_rollback_returns_to_teacher_only(trained_gateway: Any) -> None:
+    app, gateway, client, _ = trained_gateway
+    Workspace(app.state.runtime.settings).registry.rollback("support-intents")
+    deadline = time.monotonic() + 10
+    while app.state.runtime.students.get("support-intents") is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    seen = next(t for t in QUESTIONS if t not in _held_out(app))
+    assert ask(client, seen).headers["x-distill-served-by"] == "teacher"
+
+
+def test_too_few_examples_trains_nothing(tmp_path: Path, teacher: TeacherServer) -> None:
+    result = Workspace(cascade_settings(tmp_path, teacher)).train_round("support-intents")
+    assert result.version is None and "fewer than min_examples" in result.reason
