@@ -20,6 +20,8 @@ ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config file", dir_okay=False)
 ]
 out = Console()
+if not out.is_terminal:
+    out = Console(width=160)  # piped or captured: do not squeeze tables to 80 columns
 err = Console(stderr=True)
 
 
