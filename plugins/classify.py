@@ -50,6 +50,7 @@ def label_key(text: str) -> str:
 
 class ClassifyTask(Task):
     Options = ClassifyOptions
+    default_trainer = "embedding-classifier"
     options: ClassifyOptions
 
     def __init__(self, name: str, options: BaseModel) -> None:
