@@ -38,8 +38,7 @@ def test_promise_holds_on_fresh_data_where_the_naive_threshold_breaks_it() -> No
         fresh_conf, fresh_ok = sample(rng, 20_000)
         c = calibrate(conf, ok, target, 0.95)
         kept += end_to_end(c.threshold, fresh_conf, fresh_ok) >= target
-        naive_kept += end_to_end(naive_threshold(conf, ok, target), fresh_conf,
-                                 fresh_ok) >= target
+        naive_kept += end_to_end(naive_threshold(conf, ok, target), fresh_conf, fresh_ok) >= target
         shares.append(c.coverage)
     assert kept >= 57  # the bound holds at 95% confidence: about 3 misses in 60 at most
     assert naive_kept < 45  # the point estimate misses about half the time

@@ -32,20 +32,30 @@ def label_teacher(body: dict[str, Any]) -> str:
 
 def cascade_settings(tmp_path: Path, teacher: TeacherServer, audit_rate: float = 0.0) -> Settings:
     return make_settings(
-        tmp_path, teacher, plugins=["tests.word_vote_trainer"],
+        tmp_path,
+        teacher,
+        plugins=["tests.word_vote_trainer"],
         server={"registry_poll_s": 0.1},
-        tasks={"support-intents": {
-            "plugin": "classify", "options": {"labels": LABELS},
-            "student": {"trainer": "word-vote"},
-            "policy": {"target_agreement": 0.9, "min_examples": 20, "holdout_fraction": 0.25,
-                       "audit_rate": audit_rate},
-        }},
+        tasks={
+            "support-intents": {
+                "plugin": "classify",
+                "options": {"labels": LABELS},
+                "student": {"trainer": "word-vote"},
+                "policy": {
+                    "target_agreement": 0.9,
+                    "min_examples": 20,
+                    "holdout_fraction": 0.25,
+                    "audit_rate": audit_rate,
+                },
+            }
+        },
     )
 
 
 def ask(client: openai.OpenAI, text: str) -> Any:
     return client.chat.completions.with_raw_response.create(
-        model="support-intents", messages=[{"role": "user", "content": text}])
+        model="support-intents", messages=[{"role": "user", "content": text}]
+    )
 
 
 def wait_for_student(app: Any, version: str, timeout: float = 10) -> None:
@@ -124,47 +134,57 @@ def _held_out(app: Any) -> list[str]:
 
 
 def test_student_answers_streams(trained_gateway: Any) -> None:
-    app, gateway, client, _ = trained_gateway
+    app, _gateway, client, _ = trained_gateway
     seen = next(t for t in QUESTIONS if t not in _held_out(app))
-    chunks = list(client.chat.completions.create(
-        model="support-intents", stream=True, stream_options={"include_usage": True},
-        messages=[{"role": "user", "content": seen}]))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
-        QUESTIONS[seen])
+    chunks = list(
+        client.chat.completions.create(
+            model="support-intents",
+            stream=True,
+            stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": seen}],
+        )
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (QUESTIONS[seen])
+    )
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 0
 
 
 def test_requests_a_student_cannot_honour_go_to_the_teacher(trained_gateway: Any) -> None:
-    app, gateway, client, _ = trained_gateway
+    app, _gateway, client, _ = trained_gateway
     seen = next(t for t in QUESTIONS if t not in _held_out(app))
     raw = client.chat.completions.with_raw_response.create(
-        model="support-intents", n=2, messages=[{"role": "user", "content": seen}])
+        model="support-intents", n=2, messages=[{"role": "user", "content": seen}]
+    )
     assert raw.headers["x-distill-served-by"] == "teacher"
     assert len(raw.parse().choices) == 2
 
 
 def test_hot_swap_under_concurrent_requests(trained_gateway: Any, tmp_path: Path) -> None:
-    app, gateway, client, first = trained_gateway
+    app, gateway, _client, first = trained_gateway
     settings = app.state.runtime.settings
     workspace = Workspace(settings)
     seen = [t for t in QUESTIONS if t not in _held_out(app)]
 
     async def storm() -> list[tuple[int, str | None]]:
-        async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key="k",
-                                      max_retries=0) as aclient:
+        async with openai.AsyncOpenAI(
+            base_url=gateway.base_url, api_key="k", max_retries=0
+        ) as aclient:
+
             async def one(i: int) -> tuple[int, str | None]:
                 raw = await aclient.chat.completions.with_raw_response.create(
                     model="support-intents",
-                    messages=[{"role": "user", "content": seen[i % len(seen)]}])
-                return raw.http_response.status_code, raw.headers.get(
-                    "x-distill-student-version")
+                    messages=[{"role": "user", "content": seen[i % len(seen)]}],
+                )
+                return raw.http_response.status_code, raw.headers.get("x-distill-student-version")
 
             results: list[tuple[int, str | None]] = []
             for wave in range(30):
                 results += await asyncio.gather(*[one(wave * 10 + i) for i in range(10)])
                 if wave == 5:  # promote a new version while traffic flows
-                    second = await asyncio.to_thread(workspace.train_round, "support-intents",
-                                                     "always")
+                    second = await asyncio.to_thread(
+                        workspace.train_round, "support-intents", "always"
+                    )
                     assert second.promoted
                 await asyncio.sleep(0.02)
             return results
@@ -177,7 +197,7 @@ def test_hot_swap_under_concurrent_requests(trained_gateway: Any, tmp_path: Path
 
 
 def test_rollback_returns_to_teacher_only(trained_gateway: Any) -> None:
-    app, gateway, client, _ = trained_gateway
+    app, _gateway, client, _ = trained_gateway
     Workspace(app.state.runtime.settings).registry.rollback("support-intents")
     deadline = time.monotonic() + 10
     while app.state.runtime.students.get("support-intents") is not None:

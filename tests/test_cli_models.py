@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from gateway.app import create_app
 from gateway.cli import app as cli
 from gateway.testing.teacher_server import TeacherServer
-from tests.test_cascade import QUESTIONS, cascade_settings, label_teacher
 from tests.servers import GatewayServer
+from tests.test_cascade import QUESTIONS, cascade_settings, label_teacher
 
 
 def test_registry_commands(tmp_path: Path, teacher: TeacherServer) -> None:
@@ -30,16 +30,18 @@ def test_registry_commands(tmp_path: Path, teacher: TeacherServer) -> None:
     with GatewayServer(app) as gateway:
         client = openai.OpenAI(base_url=gateway.base_url, api_key="k", max_retries=0)
         for text in QUESTIONS:
-            client.chat.completions.create(model="support-intents",
-                                           messages=[{"role": "user", "content": text}])
+            client.chat.completions.create(
+                model="support-intents", messages=[{"role": "user", "content": text}]
+            )
         assert app.state.runtime.store.flush(10)
 
     trained = runner.invoke(cli, ["train", "support-intents", "--config", str(config)])
     assert trained.exit_code == 0, trained.output
     assert "v0001: promoted" in trained.output
     assert "share served at the threshold" in trained.output
-    second = runner.invoke(cli, ["train", "support-intents", "--config", str(config),
-                                 "--promote", "never"])
+    second = runner.invoke(
+        cli, ["train", "support-intents", "--config", str(config), "--promote", "never"]
+    )
     assert second.exit_code == 0 and "v0002: not promoted" in second.output
 
     listed = runner.invoke(cli, ["models", "support-intents", "--config", str(config)])
@@ -47,16 +49,15 @@ def test_registry_commands(tmp_path: Path, teacher: TeacherServer) -> None:
     assert "v0001" in listed.output and "active" in listed.output
     assert "candidate" in listed.output
 
-    promoted = runner.invoke(cli, ["promote", "support-intents", "v0002", "--config",
-                                   str(config)])
+    promoted = runner.invoke(cli, ["promote", "support-intents", "v0002", "--config", str(config)])
     assert promoted.exit_code == 0 and "v0002 is active" in promoted.output
-    missing = runner.invoke(cli, ["promote", "support-intents", "v0009", "--config",
-                                  str(config)])
+    missing = runner.invoke(cli, ["promote", "support-intents", "v0009", "--config", str(config)])
     assert missing.exit_code == 1 and "no version 'v0009'" in missing.output
 
     plot = tmp_path / "curve.png"
-    evaluated = runner.invoke(cli, ["eval", "support-intents", "--config", str(config),
-                                    "--plot", str(plot)])
+    evaluated = runner.invoke(
+        cli, ["eval", "support-intents", "--config", str(config), "--plot", str(plot)]
+    )
     assert evaluated.exit_code == 0, evaluated.output
     assert "coverage" in evaluated.output and "disagreement bound" in evaluated.output
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

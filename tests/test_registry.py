@@ -15,8 +15,11 @@ from gateway.store.tables import student_versions
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registry]:
-    url = (f"sqlite:///{tmp_path / 'r.db'}" if request.param == "sqlite"
-           else request.getfixturevalue("postgres_url"))
+    url = (
+        f"sqlite:///{tmp_path / 'r.db'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
     engine = database.create_engine(url)
     database.migrate(engine)
     yield Registry(engine, tmp_path / "artifacts")
@@ -68,8 +71,9 @@ def test_database_refuses_two_active_versions(registry: Registry) -> None:
     registry.promote("t", trained(registry))
     v2 = trained(registry)
     with pytest.raises(sa.exc.IntegrityError), registry.engine.begin() as conn:
-        conn.execute(student_versions.update()
-                     .where(student_versions.c.version == v2).values(status=ACTIVE))
+        conn.execute(
+            student_versions.update().where(student_versions.c.version == v2).values(status=ACTIVE)
+        )
     assert registry.active("t") is not None
 
 

@@ -35,14 +35,16 @@ class WordVoteStudent(Student):
     def predict(self, inputs: list[str]) -> list[Prediction]:
         out = []
         for text in inputs:
-            votes = Counter(json.dumps(self.vocabulary[w]) for w in words(text)
-                            if w in self.vocabulary)
+            votes = Counter(
+                json.dumps(self.vocabulary[w]) for w in words(text) if w in self.vocabulary
+            )
             if not votes:
                 out.append(Prediction(None, 0.0))
                 continue
             best, count = votes.most_common(1)[0]
-            out.append(Prediction(json.loads(best),
-                                  self.options.scale * count / sum(votes.values())))
+            out.append(
+                Prediction(json.loads(best), self.options.scale * count / sum(votes.values()))
+            )
         return out
 
 
