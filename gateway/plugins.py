@@ -16,7 +16,7 @@ T = TypeVar("T")
 
 # The built-ins register through this same entry-point group (see pyproject.toml).
 ENTRY_POINT_GROUP = hookspecs.PROJECT
-BUILTIN_TASKS = ("classify", "passthrough")
+BUILTIN_TASKS = ("classify", "extract", "passthrough", "rewrite")
 
 
 class PluginError(RuntimeError):

@@ -121,7 +121,7 @@ def test_task_plugin_and_options_are_checked(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError,
         match=r"tasks.t.plugin: unknown task 'clasify' "
-        r"\(registered: classify, passthrough",
+        r"\(registered: classify, extract, passthrough",
     ):
         build_tasks(unknown, plugins)
     bad_options = load_settings(

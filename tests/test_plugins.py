@@ -108,8 +108,8 @@ def installed_plugin(tmp_path: Path) -> Iterator[object]:
 def test_builtins_come_through_the_entry_point_group() -> None:
     plugins = load_plugins()
     names = {name for name, _ in plugins.manager.list_name_plugin()}
-    assert {"classify", "passthrough"} <= names
-    assert list(plugins.tasks) == ["classify", "passthrough"]
+    assert {"classify", "extract", "passthrough", "rewrite"} <= names
+    assert list(plugins.tasks) == ["classify", "extract", "passthrough", "rewrite"]
 
 
 def test_third_party_task_through_the_api(
