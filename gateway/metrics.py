@@ -115,6 +115,10 @@ class GatewayMetrics:
             ["task"],
             registry=r,
         )
+        self.threshold_adjustments = Counter(
+            "distill_threshold_adjustments",
+            "Thresholds raised because audits showed the promise at risk.", ["task"], registry=r,
+        )
         self.counterfactual_cost = Counter(
             "distill_counterfactual_teacher_cost_usd",
             "What the teacher alone would have cost for the same traffic (estimated for "

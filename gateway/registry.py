@@ -147,14 +147,13 @@ class Registry:
         shutil.rmtree(version.artifact_path + ".partial", ignore_errors=True)
         self._update(version, status=FAILED, error=error[:2000])
 
-    def update_threshold(
-        self, task: str, version: str, threshold: float, metrics: dict[str, Any]
-    ) -> None:
+    def set_threshold(self, task: str, version: str, threshold: float | None) -> None:
+        """A live correction from audits; None sends the version's traffic to the teacher."""
         with self.engine.begin() as conn:
             conn.execute(
                 sv.update()
                 .where(sv.c.task == task, sv.c.version == version)
-                .values(threshold=threshold, metrics=metrics)
+                .values(threshold=threshold)
             )
 
     def promote(self, task: str, version: str) -> StudentVersion:

@@ -11,17 +11,19 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.calibration import audit_bound
+from gateway.calibration import audit_bound, tighten, upper_bound
 from gateway.errors import GatewayError
 from gateway.schemas import ChatCompletionRequest
 from gateway.store import ExchangeRecord
-from gateway.students import LoadedStudent
+from gateway.students import LiveStats, LoadedStudent
 
 if TYPE_CHECKING:
     from gateway.cascade import Cascade
     from gateway.runtime import TaskRuntime
 
 log = logging.getLogger("distill_gateway.audit")
+
+MIN_AUDITS = 30  # audits before the live bound may move the threshold
 
 
 def student_can_answer(request: ChatCompletionRequest) -> bool:
@@ -169,17 +171,64 @@ class Auditor:
         bound = audit_bound(
             stats.audits, stats.audit_disagreements, stats.share_served, policy.confidence_level
         )
-        if stats.audits >= 30 and bound > 1.0 - policy.target_agreement:
-            log.warning(
-                "task %s student %s: audited agreement bound %.4f is below the "
-                "target %.3f (%d audits, %d disagreements)",
-                loaded.task,
-                loaded.version,
-                1.0 - bound,
-                policy.target_agreement,
-                stats.audits,
-                stats.audit_disagreements,
-            )
+        if stats.audits < MIN_AUDITS or bound <= 1.0 - policy.target_agreement:
+            return
+        log.warning(
+            "task %s student %s: audited agreement bound %.4f is below the target %.3f "
+            "(%d audits, %d disagreements); raising the threshold",
+            loaded.task,
+            loaded.version,
+            1.0 - bound,
+            policy.target_agreement,
+            stats.audits,
+            stats.audit_disagreements,
+        )
+        self._tighten(task, loaded, policy.target_agreement, policy.confidence_level)
+
+    def _tighten(
+        self, task: TaskRuntime, loaded: LoadedStudent, target: float, level: float
+    ) -> None:
+        """Recalibrate on the held-out labels as if the student were as wrong as the
+        audits show, keep the stricter threshold, and start counting afresh."""
+        stats = loaded.stats
+        threshold = None
+        if loaded.held_out is not None and loaded.threshold is not None:
+            confidences, agrees = loaded.held_out
+            served = [
+                ok for c, ok in zip(confidences, agrees, strict=True) if c >= loaded.threshold
+            ]
+            wrong = served.count(False)
+            expected = wrong / len(served) if wrong else upper_bound(0, len(served), level)
+            observed = upper_bound(stats.audit_disagreements, stats.audits, level)
+            factor = observed / max(expected, 1e-6)
+            stricter = tighten(confidences, agrees, target, factor, level)
+            if stricter.threshold is not None:
+                threshold = max(stricter.threshold, loaded.threshold)
+        previous, loaded.threshold = loaded.threshold, threshold
+        loaded.stats = LiveStats()
+        metrics = self.cascade.metrics
+        metrics.threshold_adjustments.labels(task.metric_label).inc()
+        metrics.student_threshold.labels(task.metric_label).set(
+            threshold if threshold is not None else float("nan")
+        )
+        log.warning(
+            "task %s student %s: threshold %s -> %s",
+            loaded.task,
+            loaded.version,
+            previous,
+            "teacher only" if threshold is None else f"{threshold:.4f}",
+        )
+        registry = self.cascade.runtime.registry
+        # Persist so every replica (they poll the registry) applies the same threshold.
+        job = asyncio.get_running_loop().run_in_executor(
+            None, registry.set_threshold, loaded.task, loaded.version, threshold
+        )
+        job.add_done_callback(_log_failure)
+
+
+def _log_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("could not store the new threshold: %s", future.exception())
 
 
 def _first_content(response: dict[str, Any]) -> str | None:

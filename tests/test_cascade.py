@@ -210,3 +210,30 @@ def test_rollback_returns_to_teacher_only(trained_gateway: Any) -> None:
 def test_too_few_examples_trains_nothing(tmp_path: Path, teacher: TeacherServer) -> None:
     result = Workspace(cascade_settings(tmp_path, teacher)).train_round("support-intents")
     assert result.version is None and "fewer than min_examples" in result.reason
+
+
+def test_audits_raise_the_threshold_when_the_teacher_disagrees(
+    trained_gateway: Any, teacher: TeacherServer
+) -> None:
+    app, gateway, client, result = trained_gateway
+    teacher.responder = lambda body: "card_linking"  # the teacher changed its mind
+    texts = [f"my card arrival question {i}" for i in range(60)]
+    served = []
+    for text in texts:
+        served.append(ask(client, text).headers["x-distill-served-by"])
+        loaded = app.state.runtime.students.get("support-intents")
+        if loaded is not None and loaded.threshold is None:
+            break
+    assert served[0] == "student"
+    deadline = time.monotonic() + 10
+    registry = Workspace(app.state.runtime.settings).registry
+    while registry.get("support-intents", result.version.version).threshold is not None:
+        assert time.monotonic() < deadline, "the threshold was not raised"
+        ask(client, "my card arrival question again")
+        time.sleep(0.05)
+    time.sleep(0.3)  # a registry poll
+    assert ask(client, "my card arrival question, last").headers["x-distill-served-by"] == (
+        "teacher")
+    metrics = httpx.get(gateway.url + "/metrics").text
+    assert 'distill_threshold_adjustments_total{task="support-intents"}' in metrics
+    assert 'distill_audits_total{outcome="disagree",task="support-intents"}' in metrics
