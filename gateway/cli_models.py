@@ -22,7 +22,7 @@ ConfigOption = Annotated[
 out = Console()
 if not out.is_terminal:
     out = Console(width=160)  # piped or captured: do not squeeze tables to 80 columns
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # error lines stay whole, e.g. for grep
 
 
 def _workspace(config: Path | None) -> Workspace:

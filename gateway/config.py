@@ -119,16 +119,42 @@ class PolicyConfig(_Strict):
         lt=1,
         description="confidence of the upper bound put on the student's disagreement rate",
     )
+    retrain_interval_s: float | None = Field(
+        default=None, gt=0, description="also retrain on this schedule when new data came in"
+    )
+    keep_versions: int = Field(
+        default=5, ge=1, description="artifacts kept besides the active version"
+    )
+
+
+FilterSpec = str | dict[str, dict[str, Any]]
 
 
 class TaskConfig(_Strict):
     plugin: str = Field(min_length=1, description="name of a registered task plugin")
     student: StudentConfig = Field(default_factory=StudentConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    filters: list[FilterSpec] = Field(
+        default_factory=lambda: list[FilterSpec](DEFAULT_FILTERS),
+        description="curation chain: filter names, or {name: {options}} mappings",
+    )
     teacher: TeacherConfig | None = Field(
         default=None, description="defaults to default_teacher when omitted"
     )
     options: dict[str, Any] = Field(default_factory=dict)
+
+
+DEFAULT_FILTERS: tuple[str, ...] = ()
+
+
+class LoopConfig(_Strict):
+    enabled: bool = Field(default=True, description="train in the background of the gateway")
+    interval_s: float = Field(default=5.0, gt=0, description="how often triggers are checked")
+    subprocess: bool = Field(
+        default=True, description="train in a child process at lower priority, so serving "
+        "keeps the cores and the GIL"
+    )
+    nice: int = Field(default=10, ge=0, le=19, description="priority of the training process")
 
 
 class ServerConfig(_Strict):
@@ -171,6 +197,7 @@ class Settings(BaseSettings):
     tasks: dict[str, TaskConfig] = Field(default_factory=dict)
     server: ServerConfig = Field(default_factory=ServerConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
     plugins: list[str] = Field(
         default_factory=list,
         description="extra plugin modules to load by import path, beside the entry points",

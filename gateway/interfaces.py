@@ -70,16 +70,25 @@ class Example:
 
 
 class Filter(ABC):
-    """Decides whether (and in what form) a logged example enters the training set."""
+    """Decides whether (and in what form) a logged example enters the training set.
+
+    Filters run in a configured chain over a whole candidate dataset, oldest example
+    first. Override ``apply`` for a per-example decision, or ``filter`` when the decision
+    depends on the other examples (duplicates) or is cheaper in batches (embeddings).
+    """
 
     Options: ClassVar[type[BaseModel]] = NoOptions
 
     def __init__(self, options: BaseModel) -> None:
         self.options = options
 
-    @abstractmethod
     def apply(self, example: Example, task: Task) -> Example | None:
         """Return the example (possibly changed) to keep it, or None to drop it."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither apply nor filter")
+
+    def filter(self, examples: list[Example], task: Task) -> list[Example | None]:
+        """One result per example, in order: kept (possibly changed) or None (dropped)."""
+        return [self.apply(example, task) for example in examples]
 
 
 @dataclass(frozen=True)

@@ -147,6 +147,19 @@ class Registry:
         shutil.rmtree(version.artifact_path + ".partial", ignore_errors=True)
         self._update(version, status=FAILED, error=error[:2000])
 
+    def fail_interrupted(self, task: str) -> list[str]:
+        """Mark versions left in ``training`` by a round that died as failed (the caller
+        holds the task's training lock, so no live round owns them)."""
+        stale = [v for v in self.versions(task) if v.status == TRAINING]
+        for version in stale:
+            self.fail(version, "interrupted: the training process ended before finishing")
+        return [v.version for v in stale]
+
+    def note(self, task: str, version: StudentVersion, outcome: str) -> None:
+        """Keep the gate's decision with the version, for ``models`` and ``status``."""
+        metrics = {**version.metrics, "outcome": outcome}
+        self._update(version, metrics=metrics)
+
     def set_threshold(self, task: str, version: str, threshold: float | None) -> None:
         """A live correction from audits; None sends the version's traffic to the teacher."""
         with self.engine.begin() as conn:

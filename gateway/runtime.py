@@ -8,7 +8,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from gateway.config import ConfigError, Settings, TeacherConfig, format_validation_error
-from gateway.interfaces import Task
+from gateway.curation import build_chain
+from gateway.interfaces import Filter, Task
 from gateway.metrics import GatewayMetrics
 from gateway.plugins import Plugins, load_plugins
 from gateway.registry import Registry
@@ -26,6 +27,7 @@ class TaskRuntime:
     name: str | None  # None for pass-through traffic (a model name that is not a task)
     task: Task
     teacher: TeacherClient
+    filters: list[tuple[str, Filter]] = field(default_factory=list)
     metric_label: str = field(init=False)
     requests: int = 0  # answered since start, for the student-share gauge
     student_served: int = 0
@@ -80,7 +82,10 @@ def build_tasks(
                 f"invalid configuration:\n  tasks.{name}.teacher: required when no "
                 "default_teacher is configured"
             )
-        tasks[name] = TaskRuntime(name, task_class(name, options), teacher_client(name, teacher))
+        chain = build_chain(name, config.filters, plugins)
+        tasks[name] = TaskRuntime(
+            name, task_class(name, options), teacher_client(name, teacher), chain
+        )
 
     passthrough = None
     if settings.default_teacher is not None:

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 
 from gateway.calibration import Calibration, calibrate, naive_threshold
 from gateway.config import Settings
+from gateway.curation import curate, summary
 from gateway.interfaces import Example, Prediction, Student, Task, Trainer
 from gateway.plugins import Plugins, load_plugins
 from gateway.registry import Registry, RegistryError, StudentVersion
@@ -117,6 +118,7 @@ class RoundResult:
     reason: str
     evaluation: Evaluation | None = None
     active_evaluation: Evaluation | None = None
+    curation: dict[str, Any] | None = None
 
 
 class Workspace:
@@ -159,18 +161,25 @@ class Workspace:
         return trainer.load(Path(version.artifact_path), self.task(version.task).task)
 
     def train_round(self, task_name: str, promote: str = "if-better") -> RoundResult:
-        """Train, evaluate and calibrate a candidate; promote it per ``promote``:
+        """Curate, train, evaluate and calibrate a candidate; promote it per ``promote``:
         ``always``, ``never`` or ``if-better`` (serves a larger share at the target on
-        the same held-out labels than the active version, or none is active)."""
+        the same held-out labels than the active version, or none is active).
+
+        The caller holds the task's training lock (gateway.locks), so a version still
+        marked ``training`` was left by a round that died: it is marked failed first."""
         runtime = self.task(task_name)
         policy = self.settings.tasks[task_name].policy
-        examples = load_examples(self.engine, task_name)
+        self.registry.fail_interrupted(task_name)
+        recorded = load_examples(self.engine, task_name)
+        curated = curate(recorded, runtime.filters, runtime.task)
+        examples = curated.examples
         if len(examples) < policy.min_examples:
             return RoundResult(
                 task_name,
                 None,
                 False,
-                f"{len(examples)} examples, fewer than min_examples {policy.min_examples}",
+                f"{len(examples)} curated examples, fewer than min_examples {policy.min_examples}",
+                curation=summary(curated, len(recorded)),
             )
         train, held_out = split(examples, policy.holdout_fraction)
         if not held_out or not train:
@@ -197,9 +206,14 @@ class Workspace:
             "seconds": round(time.perf_counter() - started, 2),
             "calibration": evaluation.calibration.to_dict(),
             "naive_threshold": evaluation.naive_threshold,
+            "curation": summary(curated, len(recorded)),
         }
         version = self.registry.complete(version, evaluation.calibration.threshold, metrics)
-        return self._gate(runtime, version, evaluation, held_out, promote)
+        result = self._gate(runtime, version, evaluation, held_out, promote)
+        result.curation = metrics["curation"]
+        self.registry.note(task_name, result.version or version, result.reason)
+        self.registry.prune(task_name, keep=policy.keep_versions)
+        return result
 
     def _gate(
         self,

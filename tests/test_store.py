@@ -74,7 +74,7 @@ def test_migrations_are_idempotent(db_url: str, tmp_path: Path) -> None:
     store.ensure_schema()
     with store.engine.connect() as conn:
         version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one()
-    assert version == "0002"
+    assert version == "0003"
     store.engine.dispose()
 
 

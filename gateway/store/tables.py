@@ -64,3 +64,26 @@ student_versions = sa.Table(
         postgresql_where=sa.text("status = 'active'"),
     ),
 )
+
+# A lease per task: the SQLite path's way to have one trainer per task (Postgres uses an
+# advisory lock, which also ends with the session of a process that died).
+training_locks = sa.Table(
+    "training_locks",
+    metadata,
+    sa.Column("task", sa.String(128), primary_key=True),
+    sa.Column("holder", sa.String(128), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),  # unix time
+)
+
+# Why the loop or the drift guard did what it did, for operators and `status`.
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("task", sa.String(128), nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("details", sa.JSON(none_as_null=True), nullable=True),
+    sa.Index("ix_events_task_created", "task", "created_at"),
+)
