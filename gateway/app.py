@@ -17,6 +17,7 @@ from gateway.api import chat, health, models
 from gateway.cascade import Cascade
 from gateway.config import Settings, load_settings
 from gateway.errors import install_error_handlers
+from gateway.loop import DistillationLoop
 from gateway.runtime import Runtime
 
 log = logging.getLogger("distill_gateway")
@@ -43,6 +44,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Exception as exc:
             log.warning("could not read the model registry: %s", str(exc).splitlines()[0])
         poller = asyncio.create_task(runtime.students.poll(settings.server.registry_poll_s))
+        background = [poller]
+        loop = None
+        if settings.loop.enabled and runtime.trainable_tasks():
+
+            async def after_round(_summary: dict[str, object]) -> None:
+                await runtime.students.refresh()  # swap in a promotion at once
+
+            loop = DistillationLoop(
+                settings,
+                store.engine,
+                runtime.registry,
+                runtime.trainable_tasks(),
+                on_round=after_round,
+            )
+            background.append(asyncio.create_task(loop.run_forever()))
         for result in runtime.plugins.manager.hook.startup(app=app, settings=settings):
             if inspect.isawaitable(result):
                 await result
@@ -62,7 +78,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            poller.cancel()
+            for job in background:
+                job.cancel()
+            if loop is not None:
+                loop.close()
             await runtime.aclose()
             await asyncio.to_thread(store.stop)
 

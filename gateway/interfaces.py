@@ -69,7 +69,7 @@ class Example:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-class Filter(ABC):
+class Filter:
     """Decides whether (and in what form) a logged example enters the training set.
 
     Filters run in a configured chain over a whole candidate dataset, oldest example

@@ -126,6 +126,15 @@ class Runtime:
 
         self.students.on_swap = swapped
 
+    def trainable_tasks(self) -> list[str]:
+        """Tasks with a student trainer (configured, or the task plugin's default)."""
+        return [
+            name
+            for name, runtime in self.tasks.items()
+            if (self.settings.tasks[name].student.trainer or runtime.task.default_trainer)
+            in self.plugins.trainers
+        ]
+
     def resolve(self, model: str) -> TaskRuntime | None:
         """The task a request's ``model`` names, else pass-through, else None."""
         runtime = self.tasks.get(model)

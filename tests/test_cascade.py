@@ -36,6 +36,7 @@ def cascade_settings(tmp_path: Path, teacher: TeacherServer, audit_rate: float =
         teacher,
         plugins=["tests.word_vote_trainer"],
         server={"registry_poll_s": 0.1},
+        loop={"enabled": False},  # these tests train by hand, deterministically
         tasks={
             "support-intents": {
                 "plugin": "classify",

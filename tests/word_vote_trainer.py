@@ -7,6 +7,7 @@ so tests can predict exactly which requests the student serves.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ class WordVoteOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     scale: float = Field(default=1.0, gt=0, le=1, description="multiplies every confidence")
+    sleep_s: float = Field(default=0.0, ge=0, description="train this much longer (kill tests)")
 
 
 def words(text: str) -> list[str]:
@@ -59,6 +61,7 @@ class WordVoteTrainer(Trainer):
                 labels[word].add(json.dumps(example.target))
         vocabulary = {w: json.loads(next(iter(t))) for w, t in labels.items() if len(t) == 1}
         (out_dir / "vocabulary.json").write_text(json.dumps(vocabulary))
+        time.sleep(self.options.sleep_s)
         return {"examples": len(examples), "words": len(vocabulary)}
 
     def load(self, artifact_dir: Path, task: Task) -> Student:
