@@ -122,6 +122,9 @@ class PolicyConfig(_Strict):
     retrain_interval_s: float | None = Field(
         default=None, gt=0, description="also retrain on this schedule when new data came in"
     )
+    drift_window: int = Field(
+        default=500, ge=30, description="audits the drift guard looks back over"
+    )
     keep_versions: int = Field(
         default=5, ge=1, description="artifacts kept besides the active version"
     )

@@ -119,6 +119,10 @@ class GatewayMetrics:
             "distill_threshold_adjustments",
             "Thresholds raised because audits showed the promise at risk.", ["task"], registry=r,
         )
+        self.drift_actions = Counter(
+            "distill_drift_actions",
+            "Drift guard actions (raise_threshold, rollback).", ["task", "action"], registry=r,
+        )
         self.counterfactual_cost = Counter(
             "distill_counterfactual_teacher_cost_usd",
             "What the teacher alone would have cost for the same traffic (estimated for "

@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.calibration import audit_bound, tighten, upper_bound
+from gateway.calibration import audit_bound
+from gateway.drift import DriftGuard
 from gateway.errors import GatewayError
 from gateway.schemas import ChatCompletionRequest
 from gateway.store import ExchangeRecord
-from gateway.students import LiveStats, LoadedStudent
+from gateway.students import LoadedStudent
 
 if TYPE_CHECKING:
     from gateway.cascade import Cascade
@@ -89,6 +90,7 @@ class Auditor:
 
     def __init__(self, cascade: Cascade) -> None:
         self.cascade = cascade
+        self.guard = DriftGuard(cascade.runtime)
         self._running: set[asyncio.Task[None]] = set()
 
     def maybe_audit(
@@ -152,8 +154,7 @@ class Auditor:
         cascade.judge(audit, task, _first_content(result.response))
         if audit.target_valid:
             agree = task.task.agree(audit.target, record.student_target)
-            loaded.stats.audits += 1
-            loaded.stats.audit_disagreements += 0 if agree else 1
+            loaded.stats.record_audit(agree, policy_window(cascade, loaded))
             cascade.metrics.audits.labels(label, "agree" if agree else "disagree").inc()
             self._publish(task, loaded)
         else:
@@ -173,62 +174,11 @@ class Auditor:
         )
         if stats.audits < MIN_AUDITS or bound <= 1.0 - policy.target_agreement:
             return
-        log.warning(
-            "task %s student %s: audited agreement bound %.4f is below the target %.3f "
-            "(%d audits, %d disagreements); raising the threshold",
-            loaded.task,
-            loaded.version,
-            1.0 - bound,
-            policy.target_agreement,
-            stats.audits,
-            stats.audit_disagreements,
-        )
-        self._tighten(task, loaded, policy.target_agreement, policy.confidence_level)
-
-    def _tighten(
-        self, task: TaskRuntime, loaded: LoadedStudent, target: float, level: float
-    ) -> None:
-        """Recalibrate on the held-out labels as if the student were as wrong as the
-        audits show, keep the stricter threshold, and start counting afresh."""
-        stats = loaded.stats
-        threshold = None
-        if loaded.held_out is not None and loaded.threshold is not None:
-            confidences, agrees = loaded.held_out
-            served = [
-                ok for c, ok in zip(confidences, agrees, strict=True) if c >= loaded.threshold
-            ]
-            wrong = served.count(False)
-            expected = wrong / len(served) if wrong else upper_bound(0, len(served), level)
-            observed = upper_bound(stats.audit_disagreements, stats.audits, level)
-            factor = observed / max(expected, 1e-6)
-            stricter = tighten(confidences, agrees, target, factor, level)
-            if stricter.threshold is not None:
-                threshold = max(stricter.threshold, loaded.threshold)
-        previous, loaded.threshold = loaded.threshold, threshold
-        loaded.stats = LiveStats()
-        metrics = self.cascade.metrics
-        metrics.threshold_adjustments.labels(task.metric_label).inc()
-        metrics.student_threshold.labels(task.metric_label).set(
-            threshold if threshold is not None else float("nan")
-        )
-        log.warning(
-            "task %s student %s: threshold %s -> %s",
-            loaded.task,
-            loaded.version,
-            previous,
-            "teacher only" if threshold is None else f"{threshold:.4f}",
-        )
-        registry = self.cascade.runtime.registry
-        # Persist so every replica (they poll the registry) applies the same threshold.
-        job = asyncio.get_running_loop().run_in_executor(
-            None, registry.set_threshold, loaded.task, loaded.version, threshold
-        )
-        job.add_done_callback(_log_failure)
+        self.guard.act(task, loaded, bound)
 
 
-def _log_failure(future: asyncio.Future[None]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("could not store the new threshold: %s", future.exception())
+def policy_window(cascade: Cascade, loaded: LoadedStudent) -> int:
+    return cascade.runtime.settings.tasks[loaded.task].policy.drift_window
 
 
 def _first_content(response: dict[str, Any]) -> str | None:

@@ -83,6 +83,16 @@ class LiveStats:
     audits: int = 0
     audit_disagreements: int = 0
 
+    def record_audit(self, agree: bool, window: int) -> None:
+        self.audits += 1
+        self.audit_disagreements += 0 if agree else 1
+        if self.audits > window:
+            # Forget the older half: the estimate follows drift instead of averaging it away.
+            self.audits //= 2
+            self.audit_disagreements //= 2
+            self.seen //= 2
+            self.served //= 2
+
     @property
     def share_served(self) -> float:
         return self.served / self.seen if self.seen else 0.0
