@@ -141,6 +141,10 @@ class TaskConfig(_Strict):
         default_factory=lambda: list[FilterSpec](DEFAULT_FILTERS),
         description="curation chain: filter names, or {name: {options}} mappings",
     )
+    redact_records: bool = Field(
+        default=True, description="when a filter of the chain redacts (pii), redact the raw "
+        "traffic records too, before they are stored; false keeps them verbatim"
+    )
     teacher: TeacherConfig | None = Field(
         default=None, description="defaults to default_teacher when omitted"
     )

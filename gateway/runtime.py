@@ -12,6 +12,7 @@ from gateway.curation import build_chain
 from gateway.interfaces import Filter, Task
 from gateway.metrics import GatewayMetrics
 from gateway.plugins import Plugins, load_plugins
+from gateway.redaction import record_transform, redactor_of
 from gateway.registry import Registry
 from gateway.store import ExchangeRecord, TrafficStore
 from gateway.students import StudentPool
@@ -110,8 +111,17 @@ class Runtime:
         def recorded(record: ExchangeRecord) -> None:
             hook.exchange_recorded(record=record)
 
+        redactors = {}
+        for name, runtime in self.tasks.items():
+            redact = redactor_of(runtime.filters)
+            if redact is not None and settings.tasks[name].redact_records:
+                redactors[name] = redact
         self.store = TrafficStore(
-            settings.database, settings.spool_dir, settings.store, on_recorded=recorded
+            settings.database,
+            settings.spool_dir,
+            settings.store,
+            on_recorded=recorded,
+            transform=record_transform(redactors),
         )
         self.metrics.watch_store(self.store)
         self.registry = Registry(self.store.engine, Path(settings.artifacts))

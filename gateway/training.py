@@ -46,7 +46,7 @@ def load_examples(engine: Engine, task: str) -> list[Example]:
     """Valid teacher targets recorded for ``task`` (requests and audits), one per input:
     the latest answer wins, so a teacher that changed its mind is followed."""
     query = (
-        sa.select(exchanges.c.id, exchanges.c.task_input, exchanges.c.target)
+        sa.select(exchanges.c.id, exchanges.c.task_input, exchanges.c.target, exchanges.c.request)
         .where(
             exchanges.c.task == task,
             exchanges.c.target_valid.is_(True),
@@ -57,8 +57,14 @@ def load_examples(engine: Engine, task: str) -> list[Example]:
     latest: dict[str, Example] = {}
     with engine.connect() as conn:
         for row in conn.execute(query):
+            messages = (
+                (row.request or {}).get("messages") if isinstance(row.request, dict) else None
+            )
             latest[row.task_input] = Example(
-                input=row.task_input, target=row.target, source_id=row.id
+                input=row.task_input,
+                target=row.target,
+                source_id=row.id,
+                meta={"messages": messages} if messages else {},
             )
     return list(latest.values())
 

@@ -36,12 +36,16 @@ class TrafficStore:
         spool_dir: Path,
         config: StoreConfig | None = None,
         on_recorded: Callable[[ExchangeRecord], None] | None = None,
+        transform: Callable[[ExchangeRecord], ExchangeRecord] | None = None,
     ) -> None:
         self.url = url
         self.config = config or StoreConfig()
         self.engine = database.create_engine(url)
         self.spool = Spool(spool_dir)
         self._on_recorded = on_recorded
+        # Applied in the writer thread, before anything reaches the database or the spool
+        # (PII redaction): off the response path.
+        self._transform = transform
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.config.queue_size)
         self._thread: threading.Thread | None = None
         self._schema_ready = False
@@ -79,6 +83,7 @@ class TrafficStore:
         try:
             self._queue.put_nowait(record)
         except queue.Full:
+            record = self._prepare([record])[0]
             self.spool.append([record], sync=False)
             self.spooled += 1
             self._notify([record])
@@ -132,7 +137,7 @@ class TrafficStore:
         stopping = False
         while not stopping:
             taken = self._next_batch()
-            batch = [item for item in taken if item is not _STOP]
+            batch = self._prepare([item for item in taken if item is not _STOP])
             stopping = len(batch) < len(taken)
             try:
                 if batch:
@@ -167,6 +172,18 @@ class TrafficStore:
             if item is _STOP:
                 return taken + self._drain_rest()
         return taken
+
+    def _prepare(self, records: list[ExchangeRecord]) -> list[ExchangeRecord]:
+        if self._transform is None:
+            return records
+        out = []
+        for record in records:
+            try:
+                out.append(self._transform(record))
+            except Exception:
+                log.exception("record transform failed; storing the record unchanged")
+                out.append(record)
+        return out
 
     def _drain_rest(self) -> list[Any]:
         rest: list[Any] = []
@@ -204,7 +221,7 @@ class TrafficStore:
 
     def _spool_leftovers(self) -> None:
         taken = self._drain_rest()
-        self._spool_batch([item for item in taken if item is not _STOP])
+        self._spool_batch(self._prepare([item for item in taken if item is not _STOP]))
         for _ in taken:
             self._queue.task_done()
 

@@ -1,0 +1,176 @@
+"""``distill-gateway worker | status | export | import``: running the loop and the data."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+import typer
+from rich.table import Table
+
+from gateway.cli_models import ConfigOption, _fail, _workspace, out
+from gateway.store.tables import exchanges
+
+STATUS_WINDOW = 1000  # recent answers the share and the audited agreement are read from
+
+
+def worker(
+    config: ConfigOption = None,
+    once: Annotated[bool, typer.Option(help="check every task once, then exit")] = False,
+) -> None:
+    """Run the distillation loop without serving (one per deployment is enough; the
+    training lock keeps it to one round per task anyway)."""
+    from gateway.loop import DistillationLoop
+    from gateway.runtime import Runtime
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    workspace = _workspace(config)
+    runtime = Runtime(workspace.settings, workspace.plugins)
+    tasks = runtime.trainable_tasks()
+    if not tasks:
+        raise _fail("no task has a trainer")
+    loop = DistillationLoop(workspace.settings, workspace.engine, workspace.registry, tasks)
+
+    async def run() -> None:
+        if once:
+            for task in tasks:
+                summary = await loop.check(task)
+                out.print(f"{task}: {summary['reason'] if summary else 'nothing due'}")
+            return
+        await loop.run_forever()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        loop.close()
+
+
+def _recent(engine: sa.Engine, task: str, kind: str, limit: int) -> list[Any]:
+    query = (
+        sa.select(
+            exchanges.c.served_by,
+            exchanges.c.target,
+            exchanges.c.student_target,
+            exchanges.c.target_valid,
+        )
+        .where(exchanges.c.task == task, exchanges.c.kind == kind, exchanges.c.status == 200)
+        .order_by(exchanges.c.created_at.desc())
+        .limit(limit)
+    )
+    with engine.connect() as conn:
+        return list(conn.execute(query))
+
+
+def task_status(workspace: Any, task: str) -> dict[str, Any]:
+    from gateway.events import recent_events
+    from gateway.loop import count_recorded
+
+    runtime = workspace.task(task)
+    engine = workspace.engine
+    answers = _recent(engine, task, "request", STATUS_WINDOW)
+    share = sum(r.served_by == "student" for r in answers) / len(answers) if answers else 0.0
+    audits = [r for r in _recent(engine, task, "audit", STATUS_WINDOW) if r.target_valid]
+    agreed = sum(runtime.task.agree(r.target, r.student_target) for r in audits)
+    audited = (1.0 - share * (1.0 - agreed / len(audits))) if audits else None
+    versions = workspace.registry.versions(task)
+    active = workspace.registry.active(task)
+    last = versions[-1] if versions else None
+    events = recent_events(engine, task, limit=1)
+    return {
+        "task": task,
+        "active": active.version if active else None,
+        "threshold": active.threshold if active else None,
+        "share_served": share,
+        "answers": len(answers),
+        "audited_agreement": audited,
+        "audits": len(audits),
+        "dataset": count_recorded(engine, task),
+        "last_training": last.created_at.isoformat(timespec="seconds") if last else None,
+        "last_outcome": (last.error or last.metrics.get("outcome") or last.status)
+        if last
+        else None,
+        "last_event": f"{events[0]['kind']}: {events[0]['message']}" if events else None,
+    }
+
+
+def status(config: ConfigOption = None) -> None:
+    """Per task: active version, share served, audited agreement, dataset, last training."""
+    workspace = _workspace(config)
+    table = Table(title=f"distill-gateway status (last {STATUS_WINDOW} answers per task)")
+    for column in (
+        "task",
+        "active",
+        "share served",
+        "audited agreement",
+        "dataset",
+        "last training",
+        "outcome",
+    ):
+        table.add_column(column)
+    for name in workspace.tasks:
+        s = task_status(workspace, name)
+        table.add_row(
+            name,
+            s["active"] or "teacher only",
+            f"{s['share_served']:.3f}",
+            "-"
+            if s["audited_agreement"] is None
+            else f"{s['audited_agreement']:.4f} ({s['audits']} audits)",
+            str(s["dataset"]),
+            s["last_training"] or "never",
+            s["last_outcome"] or "-",
+        )
+    out.print(table)
+
+
+def export_command(
+    task: Annotated[str, typer.Argument(help="configured task name")],
+    out_file: Annotated[Path, typer.Option("--out", help="file to write")],
+    fmt: Annotated[str, typer.Option("--format", help="openai-jsonl | parquet")] = ("openai-jsonl"),
+    config: ConfigOption = None,
+) -> None:
+    """Write the curated examples (PII redacted) as OpenAI fine-tuning JSONL or Parquet."""
+    from gateway.datasets import FORMATS, export
+
+    if fmt not in FORMATS:
+        raise _fail(f"--format must be one of {', '.join(FORMATS)}")
+    workspace = _workspace(config)
+    workspace.task(task)
+    count = export(workspace, task, fmt, out_file)
+    out.print(f"{task}: {count} curated examples written to {out_file}")
+
+
+def import_command(
+    task: Annotated[str, typer.Argument(help="configured task name")],
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="JSONL: text/input or messages, and the teacher's output",
+            exists=True,
+            dir_okay=False,
+        ),
+    ],
+    config: ConfigOption = None,
+) -> None:
+    """Seed a task from existing logs; rows pass the same filters as live traffic."""
+    from gateway.datasets import import_file
+
+    workspace = _workspace(config)
+    workspace.task(task)
+    counts = import_file(workspace, task, file)
+    out.print(
+        f"{task}: {counts['rows']} rows read, {counts['valid']} with a valid teacher "
+        f"answer, {counts['invalid']} invalid, {counts['unreadable']} unreadable"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("worker")(worker)
+    app.command("status")(status)
+    app.command("export")(export_command)
+    app.command("import")(import_command)
