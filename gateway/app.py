@@ -9,6 +9,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -48,7 +49,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loop = None
         if settings.loop.enabled and runtime.trainable_tasks():
 
-            async def after_round(_summary: dict[str, object]) -> None:
+            async def after_round(summary: dict[str, Any]) -> None:
+                runtime.metrics.count_round(summary)
                 await runtime.students.refresh()  # swap in a promotion at once
 
             loop = DistillationLoop(

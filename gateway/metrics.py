@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -117,11 +117,27 @@ class GatewayMetrics:
         )
         self.threshold_adjustments = Counter(
             "distill_threshold_adjustments",
-            "Thresholds raised because audits showed the promise at risk.", ["task"], registry=r,
+            "Thresholds raised because audits showed the promise at risk.",
+            ["task"],
+            registry=r,
         )
         self.drift_actions = Counter(
             "distill_drift_actions",
-            "Drift guard actions (raise_threshold, rollback).", ["task", "action"], registry=r,
+            "Drift guard actions (raise_threshold, rollback).",
+            ["task", "action"],
+            registry=r,
+        )
+        self.filter_examples = Counter(
+            "distill_filter_examples",
+            "Examples each curation filter kept, changed or dropped in training rounds.",
+            ["task", "filter", "outcome"],
+            registry=r,
+        )
+        self.training_rounds = Counter(
+            "distill_training_rounds",
+            "Training rounds by outcome.",
+            ["task", "outcome"],
+            registry=r,
         )
         self.counterfactual_cost = Counter(
             "distill_counterfactual_teacher_cost_usd",
@@ -136,6 +152,24 @@ class GatewayMetrics:
             ["task"],
             registry=r,
         )
+
+    def count_round(self, summary: dict[str, Any]) -> None:
+        """Metrics from a round's summary (it may have run in another process)."""
+        task = summary["task"]
+        outcome = (
+            "failed"
+            if summary.get("failed")
+            else "promoted"
+            if summary.get("promoted")
+            else "candidate"
+            if summary.get("version")
+            else "skipped"
+        )
+        self.training_rounds.labels(task, outcome).inc()
+        filters = (summary.get("curation") or {}).get("filters") or {}
+        for name, counts in filters.items():
+            for kind in ("kept", "changed", "dropped"):
+                self.filter_examples.labels(task, name, kind).inc(counts.get(kind, 0))
 
     def watch_store(self, store: TrafficStore) -> None:
         self.registry.register(_StoreCollector(store))

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -95,6 +96,8 @@ def test_the_loop_trains_and_promotes_by_itself(
                     time.sleep(0.2)
         registry = app.state.runtime.registry
         versions = registry.versions("support-intents")
+        metrics = httpx.get(gateway.url + "/metrics").text
+    assert 'distill_training_rounds_total{outcome="promoted",task="support-intents"}' in metrics
     assert windows[0] == 0.0  # cold start: the teacher answers everything
     assert windows[-1] > 0.9  # the student took over
     assert versions[0].status in (ACTIVE, "retired")
