@@ -48,12 +48,14 @@ def resolve_price(endpoint: TeacherEndpoint) -> Price:
     """The configured price, else litellm's price map, else zero (with a warning)."""
     if endpoint.price is not None:
         return Price(endpoint.price.input_per_mtok / 1e6, endpoint.price.output_per_mtok / 1e6)
+    # A replayed teacher costs what the model it replays would have cost.
+    model = endpoint.model.removeprefix("replay/")
     try:
         prompt, _ = litellm.cost_per_token(
-            model=endpoint.model, prompt_tokens=1_000_000, completion_tokens=0
+            model=model, prompt_tokens=1_000_000, completion_tokens=0
         )
         _, completion = litellm.cost_per_token(
-            model=endpoint.model, prompt_tokens=0, completion_tokens=1_000_000
+            model=model, prompt_tokens=0, completion_tokens=1_000_000
         )
     except Exception:
         if endpoint.model in _UNPRICED:

@@ -288,6 +288,11 @@ class LiteLLMTransport:
 
 
 def make_transport(endpoint: TeacherEndpoint) -> Transport:
+    if endpoint.model.startswith("replay/"):
+        from gateway.replay import register_replay_provider
+
+        register_replay_provider()
+        return LiteLLMTransport(endpoint)
     if endpoint.transport == "litellm":
         return LiteLLMTransport(endpoint)
     try:
