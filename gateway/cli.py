@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gateway import cli_models, cli_ops
+from gateway import cli_bench, cli_models, cli_ops
 
 if TYPE_CHECKING:
     from gateway.config import Settings
@@ -125,6 +125,7 @@ def demo(
 
 cli_models.register(app)
 cli_ops.register(app)
+cli_bench.register(app)
 
 
 def main() -> None:

@@ -122,6 +122,12 @@ class PolicyConfig(_Strict):
     retrain_interval_s: float | None = Field(
         default=None, gt=0, description="also retrain on this schedule when new data came in"
     )
+    calibration: Literal["bound", "naive"] = Field(
+        default="bound", description="bound: threshold from an upper confidence bound on "
+        "held-out labels the serving student never saw; naive: a cross-validated point "
+        "estimate applied to a student retrained on everything (a baseline, it breaks the "
+        "promise)"
+    )
     drift_window: int = Field(
         default=500, ge=30, description="audits the drift guard looks back over"
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,9 +188,12 @@ class Workspace:
                 f"{len(examples)} curated examples, fewer than min_examples {policy.min_examples}",
                 curation=summary(curated, len(recorded)),
             )
-        train, held_out = split(examples, policy.holdout_fraction)
-        if not held_out or not train:
-            return RoundResult(task_name, None, False, "nothing to hold out or to train on")
+        if policy.calibration == "naive":
+            train, held_out = examples, list[Example]()
+        else:
+            train, held_out = split(examples, policy.holdout_fraction)
+            if not held_out or not train:
+                return RoundResult(task_name, None, False, "nothing to hold out or to train on")
         trainer_name, trainer = self.trainer(task_name)
         version = self.registry.create(
             task_name, trainer_name, trainer.options.model_dump(), len(train), len(held_out)
@@ -197,11 +201,18 @@ class Workspace:
         started = time.perf_counter()
         try:
             directory = self.registry.partial_dir(version)
+            if policy.calibration == "naive":
+                evaluation = self._cross_validate(trainer, runtime.task, train, workdir=directory)
             figures = trainer.train(train, runtime.task, directory)
             student = trainer.load(directory, runtime.task)
-            evaluation = evaluate(
-                student, runtime.task, held_out, policy.target_agreement, policy.confidence_level
-            )
+            if policy.calibration != "naive":
+                evaluation = evaluate(
+                    student,
+                    runtime.task,
+                    held_out,
+                    policy.target_agreement,
+                    policy.confidence_level,
+                )
             write_held_out(directory, evaluation.confidences, evaluation.agrees)
         except Exception as exc:
             self.registry.fail(version, f"{type(exc).__name__}: {exc}")
@@ -214,12 +225,42 @@ class Workspace:
             "naive_threshold": evaluation.naive_threshold,
             "curation": summary(curated, len(recorded)),
         }
-        version = self.registry.complete(version, evaluation.calibration.threshold, metrics)
+        threshold = evaluation.calibration.threshold
+        if policy.calibration == "naive":
+            # The baseline: the point estimate, and the retrained student always serves.
+            threshold = evaluation.naive_threshold
+            promote = "always" if promote == "if-better" else promote
+        version = self.registry.complete(version, threshold, metrics)
         result = self._gate(runtime, version, evaluation, held_out, promote)
         result.curation = metrics["curation"]
         self.registry.note(task_name, result.version or version, result.reason)
         self.registry.prune(task_name, keep=policy.keep_versions)
         return result
+
+    def _cross_validate(
+        self, trainer: Trainer, task: Task, examples: list[Example], workdir: Path, folds: int = 3
+    ) -> Evaluation:
+        """The naive baseline's threshold: out-of-fold predictions, point estimate."""
+        policy = self.settings.tasks[task.name].policy
+        confidences: list[float] = []
+        agrees: list[bool] = []
+        for fold in range(folds):
+            held = [e for i, e in enumerate(examples) if i % folds == fold]
+            rest = [e for i, e in enumerate(examples) if i % folds != fold]
+            fold_dir = workdir / f"fold{fold}"
+            fold_dir.mkdir()
+            trainer.train(rest, task, fold_dir)
+            predictions = predict_all(trainer.load(fold_dir, task), [e.input for e in held])
+            c, a = judge(task, predictions, held)
+            confidences += c
+            agrees += a
+            shutil.rmtree(fold_dir)
+        return Evaluation(
+            calibrate(confidences, agrees, policy.target_agreement, policy.confidence_level),
+            naive_threshold(confidences, agrees, policy.target_agreement),
+            confidences,
+            agrees,
+        )
 
     def _gate(
         self,

@@ -4,66 +4,21 @@ cut a database off mid-run."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
-import time
 from types import TracebackType
 
-import uvicorn
-from fastapi import FastAPI
+from gateway.serving import ServerThread, free_port
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+class GatewayServer(ServerThread):
+    """The gateway under uvicorn on loopback, for end-to-end tests."""
 
-
-class GatewayServer:
-    """Serves an app with uvicorn (uvloop + httptools) in a background thread."""
-
-    def __init__(self, app: FastAPI, port: int | None = None) -> None:
-        self.app = app
-        self.port = port or free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                host="127.0.0.1",
-                port=self.port,
-                loop="uvloop",
-                http="httptools",
-                log_level="warning",
-                timeout_graceful_shutdown=10,
-            )
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return self.url + "/v1"
-
-    def start(self) -> GatewayServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("gateway did not start")
-            time.sleep(0.02)
+    def start(self, timeout: float = 30) -> GatewayServer:
+        super().start(timeout)
         return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
     def __enter__(self) -> GatewayServer:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class TcpProxy:

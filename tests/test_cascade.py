@@ -14,8 +14,8 @@ import openai
 import pytest
 
 from gateway.app import create_app
-from gateway.events import recent_events
 from gateway.config import Settings
+from gateway.events import recent_events
 from gateway.testing.teacher_server import TeacherServer
 from gateway.training import Workspace
 from tests.conftest import LABELS, make_settings
