@@ -84,7 +84,7 @@ def test_bench_cascade_report(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert KEYS <= set(report)
+    assert set(report) >= KEYS
     assert report["requests"] == 300
     assert report["student_served"] == round(report["student_share"] * 300)
     assert report["student_served"] > 0 and report["trainings"]
