@@ -113,14 +113,27 @@ def serve(
 
 @app.command()
 def demo(
-    requests: Annotated[int, typer.Option(help="requests to send before serving on")] = 8,
+    requests: Annotated[int | None, typer.Option(help="replay only the first N requests")] = None,
+    rate: Annotated[float, typer.Option(help="requests per second")] = 12.0,
     port: Annotated[int, typer.Option(help="gateway port")] = 8000,
-    keep_serving: Annotated[bool, typer.Option(help="keep serving after the requests")] = True,
+    workdir: Annotated[Path, typer.Option(help="fresh folder for the demo's data")] = Path(
+        "distill-demo"
+    ),
+    priced_as: Annotated[str, typer.Option(help="model whose prices the teacher has")] = ("gpt-4o"),
+    keep_serving: Annotated[bool, typer.Option(help="keep serving after the replay")] = False,
 ) -> None:
-    """Start the gateway on the embedded defaults with a local teacher and send requests."""
+    """Replay Banking77 with a real GPT model's recorded answers through the gateway and
+    watch the student take over: no API key, nothing downloaded."""
     from gateway.demo import run_demo
 
-    run_demo(requests=requests, port=port, keep_serving=keep_serving)
+    run_demo(
+        requests=requests,
+        rate=rate,
+        port=port,
+        workdir=workdir,
+        priced_as=priced_as,
+        keep_serving=keep_serving,
+    )
 
 
 cli_models.register(app)

@@ -225,6 +225,12 @@ class DistillationLoop:
             await asyncio.sleep(self.settings.loop.interval_s)
 
     def close(self) -> None:
+        """Stop a round in progress: killing it is safe by design (the registry stays
+        consistent), and waiting could hold a shutdown for minutes."""
         if self._pool is not None:
+            processes = list(getattr(self._pool, "_processes", {}).values())
             self._pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                if process.is_alive():
+                    process.terminate()
             self._pool = None
