@@ -246,7 +246,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
                 if index % window == 0 or index == len(rows):
                     curve.append({"end": index, **_window_figures(outcomes[-window:])})
             runtime.store.flush(30)
-            cost, teacher_calls, audits = _teacher_costs(runtime)
+            cost, teacher_calls, audits = teacher_costs(runtime)
         report = {
             **figures(outcomes, cost, teacher_calls, audits),
             "target_agreement": options.target_agreement,
@@ -306,7 +306,8 @@ def _wait_for(runtime: Any, summary: dict[str, Any], timeout: float = 60) -> Non
     raise RuntimeError(f"the gateway did not load {summary['version']} in {timeout:.0f}s")
 
 
-def _teacher_costs(runtime: Any) -> tuple[float, int, int]:
+def teacher_costs(runtime: Any) -> tuple[float, int, int]:
+    """Teacher cost in USD, teacher calls and audit calls, as stored."""
     import sqlalchemy as sa
 
     from gateway.store.tables import exchanges as ex

@@ -23,7 +23,7 @@ import orjson
 from gateway.errors import GatewayError, ModelNotFound
 from gateway.interfaces import InvalidTarget
 from gateway.runtime import Runtime, TaskRuntime
-from gateway.schemas import ChatCompletionRequest
+from gateway.schemas import ChatCompletionRequest, first_content
 from gateway.store import ExchangeRecord
 from gateway.student_answers import Auditor, completion_body, student_can_answer, student_sse
 from gateway.students import LoadedStudent
@@ -97,7 +97,7 @@ class Cascade:
         record.teacher_model = result.model
         record.response = response
         record.upstream_ms = result.upstream_ms
-        self.judge(record, task, _first_content(response))
+        self.judge(record, task, first_content(response))
         self.finish(record, task, result.usage, started)
         return Answer(response, _headers(record))
 
@@ -292,11 +292,3 @@ class Cascade:
         m.requests.labels(task.metric_label, record.served_by, str(record.status)).inc()
         m.errors.labels(task.metric_label, exc.error_type).inc()
         self.store.submit(record)
-
-
-def _first_content(response: dict[str, Any]) -> str | None:
-    choices = response.get("choices") or []
-    if not choices:
-        return None
-    content = (choices[0].get("message") or {}).get("content")
-    return content if isinstance(content, str) else None

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from gateway.bench import teacher_costs
 from gateway.config import TeacherEndpoint, load_settings
 from gateway.serving import ServerThread
 from gateway.teacher import resolve_price
@@ -196,23 +197,8 @@ def _same(task: Any, answer: str, teacher: Any) -> bool:
         return False
 
 
-def _costs(runtime: Any) -> tuple[float, int, int]:
-    import sqlalchemy as sa
-
-    from gateway.store.tables import exchanges as ex
-
-    query = sa.select(
-        sa.func.coalesce(sa.func.sum(ex.c.cost_usd), 0.0),
-        sa.func.count(),
-        sa.func.sum(sa.case((ex.c.kind == "audit", 1), else_=0)),
-    ).where(ex.c.teacher_model.is_not(None))
-    with runtime.store.engine.connect() as conn:
-        cost, calls, audits = conn.execute(query).one()
-    return float(cost), int(calls), int(audits or 0)
-
-
 def _summary(stats: DemoStats, runtime: Any, seconds: float, priced_as: str) -> dict[str, Any]:
-    cost, teacher_calls, audits = _costs(runtime)
+    cost, teacher_calls, audits = teacher_costs(runtime)
     active = runtime.registry.active(TASK)
     teacher_only = stats.teacher_only_usd
     return {

@@ -68,6 +68,13 @@ def content_text(content: str | list[dict[str, Any]] | None) -> str:
     return "".join(str(part.get("text", "")) for part in content if part.get("type") == "text")
 
 
+def first_content(response: dict[str, Any]) -> str | None:
+    """The assistant text of a chat completion's first choice, if it has one."""
+    choices = response.get("choices") or []
+    content = (choices[0].get("message") or {}).get("content") if choices else None
+    return content if isinstance(content, str) else None
+
+
 def _param_name(loc: tuple[int | str, ...]) -> str:
     out = ""
     for item in loc:

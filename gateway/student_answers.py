@@ -14,7 +14,7 @@ import orjson
 from gateway.calibration import audit_bound
 from gateway.drift import DriftGuard
 from gateway.errors import GatewayError
-from gateway.schemas import ChatCompletionRequest
+from gateway.schemas import ChatCompletionRequest, first_content
 from gateway.store import ExchangeRecord
 from gateway.students import LoadedStudent
 
@@ -151,7 +151,7 @@ class Auditor:
         audit.teacher_model = result.model
         audit.response = result.response
         audit.upstream_ms = result.upstream_ms
-        cascade.judge(audit, task, _first_content(result.response))
+        cascade.judge(audit, task, first_content(result.response))
         if audit.target_valid:
             agree = task.task.agree(audit.target, record.student_target)
             loaded.stats.record_audit(agree, policy_window(cascade, loaded))
@@ -179,9 +179,3 @@ class Auditor:
 
 def policy_window(cascade: Cascade, loaded: LoadedStudent) -> int:
     return cascade.runtime.settings.tasks[loaded.task].policy.drift_window
-
-
-def _first_content(response: dict[str, Any]) -> str | None:
-    choices = response.get("choices") or []
-    content = (choices[0].get("message") or {}).get("content") if choices else None
-    return content if isinstance(content, str) else None
