@@ -40,6 +40,12 @@ def cascade(
     trainer: Annotated[str | None, typer.Option(help="trainer plugin override")] = None,
     trainer_options: Annotated[str, typer.Option(help="trainer options as JSON")] = "{}",
     plugin: Annotated[list[str] | None, typer.Option(help="extra plugin module")] = None,
+    filter_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--filter", help="curation filter (repeat; default: the task's default chain)"
+        ),
+    ] = None,
 ) -> None:
     """Serve every row through the real gateway, training as the policy says, and report."""
     import logging
@@ -72,6 +78,7 @@ def cascade(
             trainer=trainer,
             trainer_options=json.loads(trainer_options),
             plugins=plugin or [],
+            filters=filter_name,
         )
     )
     table = Table(title=f"bench cascade: {stream.name} ({task}, target {target_agreement})")

@@ -157,7 +157,8 @@ class TaskConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
-DEFAULT_FILTERS: tuple[str, ...] = ()
+# The curation chain when a task names none: validity, duplicates, PII, length bounds.
+DEFAULT_FILTERS: tuple[str, ...] = ("valid", "dedup", "pii", "length")
 
 
 class LoopConfig(_Strict):

@@ -80,6 +80,8 @@ def test_bench_cascade_report(tmp_path: Path) -> None:
             "word-vote",
             "--plugin",
             "tests.word_vote_trainer",
+            "--filter",
+            "valid",
         ],
     )
     assert result.exit_code == 0, result.output
