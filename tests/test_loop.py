@@ -48,7 +48,7 @@ def loop_settings(
                 "plugin": "classify",
                 "options": {"labels": LABELS},
                 "student": {"trainer": "word-vote", "options": student_options},
-            "filters": ["valid", "length"],  # the test sentences are near-duplicates
+                "filters": ["valid", "length"],  # the test sentences are near-duplicates
                 # 0.9 and 150: enough held-out labels (~37) for the bound to allow serving
                 "policy": {
                     "target_agreement": 0.9,
@@ -63,10 +63,14 @@ def loop_settings(
     )
 
 
+AGREED: list[bool] = []  # per answer: what the teacher would have said?
+
+
 def served_by(client: openai.OpenAI, text: str) -> str:
     raw = client.chat.completions.with_raw_response.create(
         model="support-intents", messages=[{"role": "user", "content": text}]
     )
+    AGREED.append(raw.parse().choices[0].message.content == ANSWERS.get(text, "card_arrival"))
     return raw.headers["x-distill-served-by"]
 
 
@@ -81,6 +85,7 @@ def test_the_loop_trains_and_promotes_by_itself(
     tmp_path: Path, teacher: TeacherServer, database: str
 ) -> None:
     teacher.responder = lambda body: ANSWERS.get(body["messages"][-1]["content"], "card_arrival")
+    AGREED.clear()
     settings = loop_settings(tmp_path, teacher, database)
     app = create_app(settings)
     windows: list[float] = []
@@ -101,6 +106,7 @@ def test_the_loop_trains_and_promotes_by_itself(
     assert 'distill_training_rounds_total{outcome="promoted",task="support-intents"}' in metrics
     assert windows[0] == 0.0  # cold start: the teacher answers everything
     assert windows[-1] > 0.9  # the student took over
+    assert sum(AGREED) / len(AGREED) >= 0.9  # while the promise (target 0.9) held
     assert versions[0].status in (ACTIVE, "retired")
     assert any(v.status == ACTIVE for v in versions)
     kinds = [e["kind"] for e in recent_events(app.state.runtime.store.engine, "support-intents")]
