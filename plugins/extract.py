@@ -136,6 +136,7 @@ def field_f1(pred: dict[str, Any] | None, gold: dict[str, Any]) -> float:
 
 
 class ExtractTask(Task):
+    default_trainer = "lora-lm"
     Options = ExtractOptions
     options: ExtractOptions
 

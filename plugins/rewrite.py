@@ -55,6 +55,7 @@ class RewriteOptions(BaseModel):
 
 
 class RewriteTask(Task):
+    default_trainer = "lora-lm"
     Options = RewriteOptions
     options: RewriteOptions
 
