@@ -1,0 +1,198 @@
+"""The ``embedding-classifier`` trainer on a slice of Banking77 (real encoder, no mocks)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+from safetensors.numpy import load_file
+
+from gateway.interfaces import Example, Prediction
+from gateway.plugins import load_plugins
+from plugins.classify import ClassifyOptions, ClassifyTask
+from plugins.trainers import embedding_classifier as ec
+from plugins.trainers.embedding_classifier import (
+    HEAD_FILE,
+    META_FILE,
+    EmbeddingClassifierOptions,
+    EmbeddingClassifierStudent,
+    EmbeddingClassifierTrainer,
+)
+
+# CI clones the repo into another folder with shared/ beside it: always parent-of-repo.
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TRAIN_CSV = DATA / "banking77" / "train.csv"
+N_LABELS = 10
+N_TRAIN = 600
+
+pytestmark = pytest.mark.skipif(not TRAIN_CSV.is_file(), reason=f"{TRAIN_CSV} is missing")
+
+
+def banking_slice() -> tuple[list[Example], list[Example], list[str]]:
+    """600 training and ~200 held-out rows over 10 Banking77 card intents.
+
+    Card intents (arrival vs delivery estimate, payment not recognised vs fee charged...)
+    are close neighbours, so the student makes enough mistakes for the confidence ranking
+    to be tested, which the easiest ten intents would not give.
+    """
+    with TRAIN_CSV.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    labels = sorted({r["category"] for r in rows if "card" in r["category"]})[:N_LABELS]
+    by_label: dict[str, list[str]] = defaultdict(list)
+    for r in rows:
+        if r["category"] in labels:
+            by_label[r["category"]].append(r["text"])
+    examples = [Example(text, label) for label in labels for text in by_label[label][:80]]
+    random.Random(0).shuffle(examples)
+    return examples[:N_TRAIN], examples[N_TRAIN:], labels
+
+
+@pytest.fixture(scope="module")
+def task() -> ClassifyTask:
+    return ClassifyTask("intents", ClassifyOptions())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, task: ClassifyTask
+            ) -> tuple[Path, dict[str, Any], list[Example], list[str]]:
+    train, held_out, labels = banking_slice()
+    out = tmp_path_factory.mktemp("artifact")
+    figures = EmbeddingClassifierTrainer(EmbeddingClassifierOptions()).train(train, task, out)
+    return out, figures, held_out, labels
+
+
+@pytest.fixture(scope="module")
+def predictions(trained: tuple[Path, dict[str, Any], list[Example], list[str]],
+                task: ClassifyTask) -> tuple[list[Prediction], list[Example]]:
+    out, _, held_out, _ = trained
+    # A fresh trainer, as the gateway does when it loads a promoted version.
+    student = EmbeddingClassifierTrainer(EmbeddingClassifierOptions()).load(out, task)
+    return student.predict([e.input for e in held_out]), held_out
+
+
+def test_figures(trained: tuple[Path, dict[str, Any], list[Example], list[str]]) -> None:
+    _, figures, _, labels = trained
+    assert figures["examples"] == N_TRAIN
+    assert figures["labels"] == len(labels)
+    assert figures["train_seconds"] > 0
+    assert 0.5 < figures["cv_agreement"] <= 1.0
+
+
+def test_held_out_accuracy_well_above_chance(
+        predictions: tuple[list[Prediction], list[Example]]) -> None:
+    preds, held_out = predictions
+    assert len(preds) == len(held_out) > 100
+    accuracy = np.mean([p.target == e.target for p, e in zip(preds, held_out, strict=True)])
+    assert accuracy > 0.75, accuracy  # chance is 0.1; measured 0.97
+
+
+def test_confidence_is_a_probability_and_ranks(
+        predictions: tuple[list[Prediction], list[Example]]) -> None:
+    preds, held_out = predictions
+    conf = np.array([p.confidence for p in preds])
+    assert all(isinstance(p.confidence, float) for p in preds)
+    assert ((conf >= 0) & (conf <= 1)).all()
+    correct = np.array([p.target == e.target for p, e in zip(preds, held_out, strict=True)])
+    order = np.argsort(-conf, kind="stable")
+    high, low = order[: len(order) // 2], order[len(order) // 2:]
+    assert correct[high].mean() > correct[low].mean()
+    # Calibrated: the mean confidence is close to the accuracy it claims.
+    assert abs(conf.mean() - correct.mean()) < 0.1
+
+
+def test_artifact_is_safetensors_and_json(
+        trained: tuple[Path, dict[str, Any], list[Example], list[str]]) -> None:
+    out, _, _, labels = trained
+    assert sorted(p.name for p in out.iterdir()) == sorted([HEAD_FILE, META_FILE])
+    tensors = load_file(str(out / HEAD_FILE))
+    assert tensors["lr_weight"].shape[0] == len(labels)
+    assert tensors["knn_embeddings"].shape == (N_TRAIN, 384)
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["labels"] == labels
+    assert meta["options"] == EmbeddingClassifierOptions().model_dump(mode="json")
+    assert meta["calibration"]["method"] == "features"
+    assert meta["encoder"]["finetuned"] is None
+
+
+def test_load_is_cheap_and_deterministic(
+        trained: tuple[Path, dict[str, Any], list[Example], list[str]],
+        task: ClassifyTask) -> None:
+    out, _, held_out, _ = trained
+    started = time.perf_counter()
+    a = EmbeddingClassifierTrainer(EmbeddingClassifierOptions()).load(out, task)
+    b = EmbeddingClassifierTrainer(EmbeddingClassifierOptions()).load(out, task)
+    assert time.perf_counter() - started < 2.0  # the frozen encoder is cached per process
+    assert isinstance(a, EmbeddingClassifierStudent)
+    assert a.encoder is b.encoder
+    texts = [e.input for e in held_out[:16]]
+    assert a.predict(texts) == b.predict(texts)
+    # One input alone gets the same answer as inside a batch (padding must not leak).
+    alone = a.predict(texts[:1])[0]
+    assert alone.target == a.predict(texts)[0].target
+    assert alone.confidence == pytest.approx(a.predict(texts)[0].confidence, abs=1e-4)
+    assert a.predict([]) == []
+
+
+def test_registers_through_the_hook() -> None:
+    seen: dict[str, Any] = {}
+    ec.register_trainers(lambda name, cls: seen.__setitem__(name, cls))
+    assert seen == {"embedding-classifier": EmbeddingClassifierTrainer}
+    # And through the plugin manager, as a config's `plugins:` entry would load it.
+    plugins = load_plugins(["plugins.trainers.embedding_classifier"])
+    assert plugins.trainers.get("embedding-classifier") is EmbeddingClassifierTrainer
+
+
+def test_options_are_strict_and_documented() -> None:
+    with pytest.raises(ValidationError):
+        EmbeddingClassifierOptions.model_validate({"no_such_option": 1})
+    with pytest.raises(ValidationError):
+        EmbeddingClassifierOptions(layers=[0])
+    for name, field in EmbeddingClassifierOptions.model_fields.items():
+        assert field.description, name
+
+
+def test_rare_and_single_labels(tmp_path: Path, task: ClassifyTask) -> None:
+    """Labels seen once, and a dataset with one label, still train and predict."""
+    examples = [Example(f"where is my card number {i}", "card_arrival") for i in range(12)]
+    examples.append(Example("what is the exchange rate today", "exchange_rate"))
+    for name in ("two", "one", "bad", "empty"):  # the core hands train() an existing folder
+        (tmp_path / name).mkdir()
+    trainer = EmbeddingClassifierTrainer(EmbeddingClassifierOptions())
+    trainer.train(examples, task, tmp_path / "two")
+    student = trainer.load(tmp_path / "two", task)
+    preds = student.predict(["my card has not arrived", "exchange rate for euros"])
+    assert {p.target for p in preds} <= {"card_arrival", "exchange_rate"}
+    assert all(0.0 <= p.confidence <= 1.0 for p in preds)
+
+    trainer.train(examples[:5], task, tmp_path / "one")
+    only = trainer.load(tmp_path / "one", task).predict(["anything at all"])
+    assert only[0].target == "card_arrival"
+    assert 0.0 <= only[0].confidence <= 1.0
+
+    with pytest.raises(TypeError):
+        trainer.train([Example("x", {"not": "a label"})], task, tmp_path / "bad")
+    with pytest.raises(ValueError):
+        trainer.train([], task, tmp_path / "empty")
+
+
+def test_encoder_tuning_option(tmp_path: Path, task: ClassifyTask) -> None:
+    """The opt-in contrastive tuning saves its encoder (safetensors) and loads it back."""
+    train, held_out, _ = banking_slice()
+    options = EmbeddingClassifierOptions(finetune_epochs=0.2, finetune_batch_size=8)
+    figures = EmbeddingClassifierTrainer(options).train(train[:150], task, tmp_path)
+    assert figures["finetune_steps"] >= 1
+    assert figures["calibration_examples"] == 30
+    assert (tmp_path / "encoder" / "model.safetensors").is_file()
+    student = EmbeddingClassifierTrainer(EmbeddingClassifierOptions()).load(tmp_path, task)
+    assert student.encoder is not ec.get_encoder(options.encoder)  # private to the artifact
+    preds = student.predict([e.input for e in held_out[:40]])
+    accuracy = np.mean([p.target == e.target for p, e in zip(preds, held_out[:40], strict=True)])
+    assert accuracy > 0.5
