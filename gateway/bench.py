@@ -212,7 +212,8 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
                 ]
                 sent = time.perf_counter()
                 raw = client.chat.completions.with_raw_response.create(
-                    model=TASK, messages=messages,  # type: ignore[arg-type]
+                    model=TASK,
+                    messages=messages,  # type: ignore[arg-type]
                 )
                 ms = (time.perf_counter() - sent) * 1000
                 answer = raw.parse().choices[0].message.content or ""

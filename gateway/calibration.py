@@ -156,6 +156,22 @@ def audit_bound(
     return share_served * upper_bound(served_disagreements, served_audits, confidence_level)
 
 
+def lower_bound(errors: int, n: int, confidence_level: float) -> float:
+    """One-sided Clopper-Pearson lower bound on a binomial proportion."""
+    if n == 0 or errors <= 0:
+        return 0.0
+    return float(beta.ppf(1.0 - confidence_level, errors, n - errors + 1))
+
+
+def audit_breach(
+    served_audits: int, served_disagreements: int, share_served: float, confidence_level: float
+) -> float:
+    """Lower bound on the live end-to-end disagreement. Above ``1 - target`` the audits
+    show, beyond their statistical margin, that the promise is broken; a few audits with
+    no disagreement never trigger it (an upper bound would, for lack of evidence)."""
+    return share_served * lower_bound(served_disagreements, served_audits, confidence_level)
+
+
 def tighten(
     confidences: Sequence[float],
     agrees: Sequence[bool],

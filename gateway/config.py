@@ -123,10 +123,11 @@ class PolicyConfig(_Strict):
         default=None, gt=0, description="also retrain on this schedule when new data came in"
     )
     calibration: Literal["bound", "naive"] = Field(
-        default="bound", description="bound: threshold from an upper confidence bound on "
+        default="bound",
+        description="bound: threshold from an upper confidence bound on "
         "held-out labels the serving student never saw; naive: a cross-validated point "
         "estimate applied to a student retrained on everything (a baseline, it breaks the "
-        "promise)"
+        "promise)",
     )
     drift_window: int = Field(
         default=500, ge=30, description="audits the drift guard looks back over"
@@ -148,8 +149,9 @@ class TaskConfig(_Strict):
         description="curation chain: filter names, or {name: {options}} mappings",
     )
     redact_records: bool = Field(
-        default=True, description="when a filter of the chain redacts (pii), redact the raw "
-        "traffic records too, before they are stored; false keeps them verbatim"
+        default=True,
+        description="when a filter of the chain redacts (pii), redact the raw "
+        "traffic records too, before they are stored; false keeps them verbatim",
     )
     teacher: TeacherConfig | None = Field(
         default=None, description="defaults to default_teacher when omitted"
@@ -165,8 +167,9 @@ class LoopConfig(_Strict):
     enabled: bool = Field(default=True, description="train in the background of the gateway")
     interval_s: float = Field(default=5.0, gt=0, description="how often triggers are checked")
     subprocess: bool = Field(
-        default=True, description="train in a child process at lower priority, so serving "
-        "keeps the cores and the GIL"
+        default=True,
+        description="train in a child process at lower priority, so serving "
+        "keeps the cores and the GIL",
     )
     nice: int = Field(default=10, ge=0, le=19, description="priority of the training process")
 

@@ -1,7 +1,8 @@
 """The drift guard: when audits show the promise at risk, act, and say why.
 
-Audited agreement is checked over a window of recent audits. When its upper bound on the
-live disagreement rises above ``1 - target``, the guard recalibrates the threshold as if
+Audited agreement is checked over a window of recent audits. When the lower bound on the
+live disagreement rises above ``1 - target`` (a breach beyond the statistical margin, not
+just too few audits to prove the promise), the guard recalibrates the threshold as if
 the student were as wrong as the audits show. If no threshold of this version keeps the
 promise, it rolls the task back to the previous version (or to the teacher alone). Every
 action is an event (``events`` table), a log line and ``distill_drift_actions_total``.
@@ -53,7 +54,7 @@ class DriftGuard:
             "audits": stats.audits,
             "disagreements": stats.audit_disagreements,
             "share_served": round(stats.share_served, 4),
-            "agreement_bound": round(1.0 - bound, 4),
+            "agreement_upper_bound": round(1.0 - bound, 4),
             "target": policy.target_agreement,
             "threshold": loaded.threshold,
         }
@@ -67,7 +68,7 @@ class DriftGuard:
             loaded.threshold = threshold
             action = "raise_threshold"
             message = (
-                f"audited agreement bound {1.0 - bound:.4f} < target "
+                f"audited agreement at most {1.0 - bound:.4f} < target "
                 f"{policy.target_agreement}: threshold {previous} -> {threshold:.4f}"
             )
             work: list[tuple[Callable[..., Any], tuple[Any, ...]]] = [
@@ -77,7 +78,7 @@ class DriftGuard:
             loaded.threshold = None  # stop serving from this replica at once
             action = "rollback"
             message = (
-                f"audited agreement bound {1.0 - bound:.4f} < target "
+                f"audited agreement at most {1.0 - bound:.4f} < target "
                 f"{policy.target_agreement} and no threshold of {loaded.version} "
                 "keeps the promise: rolled back"
             )

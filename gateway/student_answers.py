@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.calibration import audit_bound
+from gateway.calibration import audit_breach
 from gateway.drift import DriftGuard
 from gateway.errors import GatewayError
 from gateway.schemas import ChatCompletionRequest, first_content
@@ -169,12 +169,12 @@ class Auditor:
             1.0 - stats.share_served * rate
         )
         policy = self.cascade.runtime.settings.tasks[loaded.task].policy
-        bound = audit_bound(
+        breach = audit_breach(
             stats.audits, stats.audit_disagreements, stats.share_served, policy.confidence_level
         )
-        if stats.audits < MIN_AUDITS or bound <= 1.0 - policy.target_agreement:
+        if stats.audits < MIN_AUDITS or breach <= 1.0 - policy.target_agreement:
             return
-        self.guard.act(task, loaded, bound)
+        self.guard.act(task, loaded, breach)
 
 
 def policy_window(cascade: Cascade, loaded: LoadedStudent) -> int:

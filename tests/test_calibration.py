@@ -65,3 +65,13 @@ def test_audits_tighten_the_threshold() -> None:
     assert base.threshold is not None and stricter.threshold is not None
     assert stricter.threshold > base.threshold and stricter.coverage < base.coverage
     assert audit_bound(100, 0, 0.5, 0.95) < audit_bound(100, 5, 0.5, 0.95)
+
+
+def test_audits_without_disagreement_never_breach() -> None:
+    from gateway.calibration import audit_breach, lower_bound
+
+    # 30 clean audits cannot prove a 3% budget, but they show no breach either
+    assert audit_breach(30, 0, 0.6, 0.95) == 0.0
+    assert audit_breach(30, 1, 0.6, 0.95) < 0.03
+    assert audit_breach(30, 25, 0.6, 0.95) > 0.03
+    assert 0.0 < lower_bound(5, 100, 0.95) < 0.05 < upper_bound(5, 100, 0.95)
