@@ -281,7 +281,7 @@ def _plot(stats: DemoStats, path: Path) -> None:
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("requests (Banking77 stream)")
     ax.set_title("distill-gateway demo (rolling 200 requests)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
