@@ -177,10 +177,31 @@ def test_rare_and_single_labels(tmp_path: Path, task: ClassifyTask) -> None:
     assert only[0].target == "card_arrival"
     assert 0.0 <= only[0].confidence <= 1.0
 
-    with pytest.raises(TypeError):
-        trainer.train([Example("x", {"not": "a label"})], task, tmp_path / "bad")
     with pytest.raises(ValueError):
         trainer.train([], task, tmp_path / "empty")
+
+
+def test_structured_targets_are_classes(tmp_path: Path) -> None:
+    """An extract task's objects: each distinct answer is a class, predicted back as the
+    object (not its text), so the cascade renders and compares it like a teacher answer."""
+    from plugins.extract import ExtractOptions, ExtractTask
+
+    extract = ExtractTask("slots", ExtractOptions())
+    block = {"intents": ["block", "card"], "slots": {}}
+    balance = {"intents": ["balance"], "slots": {}}
+    examples = [Example(f"please block my card now {i}", block) for i in range(10)]
+    examples += [Example(f"how much money is in my account {i}", balance) for i in range(10)]
+    examples.append(Example("send 50 euros to Anna", {"intents": ["transfer"],
+                                                         "slots": {"amount": "50 euros"}}))
+    trainer = EmbeddingClassifierTrainer(EmbeddingClassifierOptions())
+    trainer.train(examples, extract, tmp_path)
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    assert meta["rendered_targets"] is True
+    assert extract.render(block) in meta["labels"]
+    preds = trainer.load(tmp_path, extract).predict(["block my card please",
+                                                     "what is my account balance"])
+    assert [p.target for p in preds] == [block, balance]
+    assert extract.agree(preds[0].target, {"slots": {}, "intents": ["block", "card"]})
 
 
 def test_encoder_tuning_option(tmp_path: Path, task: ClassifyTask) -> None:

@@ -106,6 +106,16 @@ def tiny_options(base: Path, **overrides: Any) -> Any:
     return LoraLMTrainer.Options.model_validate(options)
 
 
+def test_time_budget_stops_training(tiny_base: Path, tmp_path: Path) -> None:
+    """A spent budget ends the loop before the planned steps, and the figures say so."""
+    task = ExtractTask("intents", ExtractTask.Options.model_validate({"json_schema": SCHEMA}))
+    trainer = LoraLMTrainer(tiny_options(tiny_base, epochs=50, max_train_seconds=1e-6))
+    figures = trainer.train(extract_examples(30), task, tmp_path / "artifact")
+    assert figures["stopped_early"] is True
+    assert figures["steps"] < 50 * 3
+    assert (tmp_path / "artifact" / "adapter_model.safetensors").is_file()
+
+
 def test_train_save_load_predict_tiny(tiny_base: Path, tmp_path: Path) -> None:
     task = ExtractTask("intents", ExtractTask.Options.model_validate({"json_schema": SCHEMA}))
     examples = extract_examples(30)
@@ -263,7 +273,8 @@ def test_smollm2_learns_disfl_qa(tmp_path: Path) -> None:
                       "predict_seconds_20": round(predict_seconds, 2),
                       "figures": figures}, indent=1))
     assert figures["stopped_early"] or figures["epochs_done"] >= 3
-    assert figures["train_seconds"] <= 120 + 60  # the last step may start just in time
+    # No wall-clock bound here: on a shared CI core one step can take a minute; the
+    # budget's stop is tested on the tiny model.
     # Measured: 0.70 after 37 steps (zero-shot 0.05); 0.35 after 5 steps on a choked CPU.
     assert sum(agrees) / 20 >= 0.3
     assert sum(agrees) >= sum(zero_shot) + 5
