@@ -240,6 +240,8 @@ def test_smollm2_learns_disfl_qa(tmp_path: Path) -> None:
     options = LoraLMTrainer.Options.model_validate({
         "cache_dir": str(tmp_path.parent / "base-models"),  # shared by the session's tests
         "system_prompt": DISFL_SYSTEM, "max_train_seconds": 120, "epochs": 3,
+        # bf16 autocast is emulated on CPUs without AVX512-BF16: 60 s a step instead of 2.
+        "dtype": "float32",
         "batch_size": 4,  # more updates fit the 120 s budget
         # CI machines are shared: oversubscribed spinning threads made steps 3-10x slower.
         "torch_threads": 1,
