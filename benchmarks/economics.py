@@ -81,26 +81,10 @@ def gold_stream(work: Path) -> Path:
 
 
 def nlupp_stream(work: Path) -> tuple[Path, Path]:
-    ontology = json.loads((DATA / "nlupp" / "ontology.json").read_text())
-    domains = {"banking", "general"}
-    intents = sorted(k for k, v in ontology["intents"].items() if domains & set(v["domain"]))
-    slots = sorted(k for k, v in ontology["slots"].items() if domains & set(v["domain"]))
-    schema = {
-        "type": "object",
-        "properties": {
-            "intents": {"type": "array", "items": {"enum": intents}, "uniqueItems": True},
-            "slots": {"type": "object", "additionalProperties": False,
-                      "properties": {s: {"type": "string"} for s in slots}},
-        },
-        "required": ["intents", "slots"],
-        "additionalProperties": False,
-    }
-    rows = []
-    for fold in sorted((DATA / "nlupp" / "banking").glob("fold*.json")):
-        for row in json.loads(fold.read_text()):
-            target = {"intents": sorted(set(row.get("intents", []))),
-                      "slots": {k: v["text"] for k, v in row.get("slots", {}).items()}}
-            rows.append({"text": row["text"], "teacher": target, "gold": target})
+    from student_lora import nlupp_rows  # the same targets and schema as the LoRA benchmark
+
+    pairs, schema = nlupp_rows()
+    rows = [{"text": text, "teacher": target, "gold": target} for text, target in pairs]
     schema_path = work / "nlupp_schema.json"
     schema_path.write_text(json.dumps(schema))
     return write_jsonl(work / "nlupp_extract.jsonl", rows), schema_path
