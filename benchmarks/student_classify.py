@@ -138,7 +138,8 @@ def evaluate(stream: str, n: int, variant: str, pred: list[str], conf: np.ndarra
 
 def frozen_variants(stream: str, texts: list[str], teacher: list[str],
                     sizes: list[int]) -> list[Row]:
-    encoder = get_encoder(EmbeddingClassifierOptions().encoder)
+    defaults = EmbeddingClassifierOptions()
+    encoder = get_encoder(defaults.encoder, defaults.quantize)
     started = time.perf_counter()
     # One pass gives both feature sets: the layer-6 block of the [4,5,6] features is the
     # sentence embedding scaled by 1/sqrt(3).

@@ -71,6 +71,7 @@ FORMAT_VERSION = 1
 BUNDLED_ENCODER = "bundled:all-minilm-l6-v2"
 
 Calibration = Literal["features", "platt", "none"]
+Quantize = Literal["int8", "none"]
 
 
 class EmbeddingClassifierOptions(BaseModel):
@@ -133,6 +134,12 @@ class EmbeddingClassifierOptions(BaseModel):
         default=0.2, gt=0.0, lt=1.0, description="share of the examples kept out of the "
         "encoder tuning: the calibrator is fitted on them only, because the tuned encoder "
         "has seen the labels of the rest and would look more certain on them than on traffic")
+    quantize: Quantize = Field(
+        default="int8", description="'int8': the encoder's linear layers run with int8 "
+        "weights (per output channel) and dynamically quantised activations, in training "
+        "and serving alike, so the heads and the calibration see the features they serve "
+        "on; measured 1.8x faster (single text p50 13.5 -> 7.5 ms on one core) for about "
+        "one point less share served at 0.97. 'none': float32")
     max_tokens: int = Field(default=256, gt=0, description="inputs are cut to this many "
                             "tokens (their start is kept)")
     batch_size: int = Field(default=64, gt=0, description="texts per encoder pass when "
@@ -248,6 +255,23 @@ class Encoder:
             tokenizer = copy.deepcopy(self.tokenizer)
         return Encoder(self.ref, model, tokenizer, self.max_tokens)
 
+    def quantized(self) -> Encoder:
+        """This encoder with int8 linear layers (in place: the float32 weights are not kept,
+        which saves ~60 MB per process; tune a ``copy()`` made before, not after)."""
+        import warnings
+
+        import torch
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        with self._lock, warnings.catch_warnings():
+            # torch.ao's eager quantisation is deprecated in favour of torchao, which is
+            # not a dependency; the kernels are the same fbgemm ones.
+            warnings.simplefilter("ignore")
+            quantize_dynamic(self.model, {torch.nn.Linear: per_channel_dynamic_qconfig},
+                             dtype=torch.qint8, inplace=True)
+        self.ref = f"{self.ref} (int8)"
+        return self
+
     def _tokenize(self, texts: Sequence[str], max_tokens: int) -> dict[str, torch.Tensor]:
         return dict(self.tokenizer(list(texts), padding=True, truncation=True,
                                    max_length=min(max_tokens, self.max_tokens),
@@ -291,17 +315,20 @@ class Encoder:
         return emb, feats
 
 
-_ENCODERS: dict[str, Encoder] = {}
+_ENCODERS: dict[tuple[str, str], Encoder] = {}
 _ENCODERS_LOCK = threading.Lock()
 
 
-def get_encoder(ref: str) -> Encoder:
-    """The process-wide encoder for ``ref``: loading MiniLM costs ~1 s and ~90 MB, and the
-    gateway loads a student beside the old one on every promotion."""
+def get_encoder(ref: str, quantize: Quantize = "none") -> Encoder:
+    """The process-wide encoder for ``ref`` (float32 or int8): loading MiniLM costs ~1 s and
+    ~90 MB, and the gateway loads a student beside the old one on every promotion."""
     with _ENCODERS_LOCK:
-        encoder = _ENCODERS.get(ref)
+        encoder = _ENCODERS.get((ref, quantize))
         if encoder is None:
-            encoder = _ENCODERS[ref] = Encoder.from_sentence_transformer(ref)
+            encoder = Encoder.from_sentence_transformer(ref)
+            if quantize == "int8":
+                encoder = encoder.quantized()
+            _ENCODERS[(ref, quantize)] = encoder
         return encoder
 
 
@@ -695,7 +722,7 @@ class EmbeddingClassifierTrainer(Trainer):
         index = {label: i for i, label in enumerate(labels)}
         y = np.array([index[t] for t in targets], dtype=np.int64)
         texts = [e.input for e in examples]
-        encoder = get_encoder(opts.encoder)
+        encoder = get_encoder(opts.encoder, opts.quantize)
         tuned: Encoder | None = None
         calibration_rows = None
         tune_figures: dict[str, Any] = {}
@@ -704,11 +731,14 @@ class EmbeddingClassifierTrainer(Trainer):
             calibration_rows = np.zeros(len(examples), dtype=bool)
             held = max(1, round(opts.finetune_holdout * len(examples)))
             calibration_rows[rng.permutation(len(examples))[:held]] = True
-            tuned = encoder.copy()
+            tuned = get_encoder(opts.encoder).copy()  # float32: int8 weights do not train
             tune_texts = [t for t, keep in zip(texts, calibration_rows, strict=True) if not keep]
             tune_figures = contrastive_finetune(tuned, tune_texts, y[~calibration_rows], opts,
                                                 rng)
-            encoder = tuned
+            # Saved in float32, before quantising: a quantised model does not save as
+            # safetensors, and loading quantises it again the same way.
+            tuned.save(out_dir / ENCODER_DIR)
+            encoder = tuned.quantized() if opts.quantize == "int8" else tuned
         emb, feats = encoder.encode(texts, opts.layers, opts.max_tokens, opts.batch_size)
         encoded = time.perf_counter()
         head, figures = fit_head(emb, feats, y, labels, opts, calibration_rows)
@@ -730,8 +760,6 @@ class EmbeddingClassifierTrainer(Trainer):
             "knn_labels": head.bank_labels,
             "label_counts": head.label_counts,
         }, str(out_dir / HEAD_FILE), metadata={"format": "embedding-classifier"})
-        if tuned is not None:
-            tuned.save(out_dir / ENCODER_DIR)
         figures["train_seconds"] = round(time.perf_counter() - started, 2)
         meta = {
             "format_version": FORMAT_VERSION,
@@ -763,7 +791,9 @@ class EmbeddingClassifierTrainer(Trainer):
                              f"version {meta.get('format_version')!r}")
         # The artifact's own options describe how it was trained; they win over the
         # trainer's current ones (a config change must not reinterpret an old artifact).
-        opts = EmbeddingClassifierOptions.model_validate(meta["options"])
+        # Artifacts from before the option existed ran a float32 encoder.
+        opts = EmbeddingClassifierOptions.model_validate({"quantize": "none",
+                                                          **meta["options"]})
         tensors = load_file(str(artifact_dir / HEAD_FILE))
         cal = meta["calibration"]
         head = Head(
@@ -777,8 +807,10 @@ class EmbeddingClassifierTrainer(Trainer):
         if meta["encoder"].get("finetuned"):
             # A tuned encoder belongs to this artifact alone; only the frozen base is shared.
             encoder = Encoder.from_directory(artifact_dir / meta["encoder"]["finetuned"])
+            if opts.quantize == "int8":
+                encoder = encoder.quantized()
         else:
-            encoder = get_encoder(opts.encoder)
+            encoder = get_encoder(opts.encoder, opts.quantize)
         if encoder.hidden_size != meta["encoder"]["hidden_size"]:
             raise ValueError(f"{artifact_dir}: encoder {opts.encoder!r} does not match the "
                              "one the artifact was trained with")
