@@ -26,6 +26,7 @@ from plugins.trainers.lora_lm import (
     fit_confidence,
     load_base,
     torch_threads,
+    training_dtype,
 )
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -209,6 +210,18 @@ def test_options() -> None:
             del os.environ[CACHE_ENV]
         else:
             os.environ[CACHE_ENV] = old
+
+
+def test_training_dtype_follows_the_cpu() -> None:
+    assert training_dtype("float32") == "float32"
+    assert training_dtype("bfloat16") == "bfloat16"
+    assert LoraLMTrainer.Options().dtype == "auto"
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo to check 'auto' against")
+    flags = set(cpuinfo.read_text().split())
+    native = bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+    assert training_dtype("auto") == ("bfloat16" if native else "float32")
 
 
 def test_register_hook() -> None:
