@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import multiprocessing
 import os
 import time
@@ -54,7 +55,21 @@ class TaskState:
     last_round_at: float = 0.0
     # This replica's own memory: rounds that made no version, and failures.
     attempted_at: int | None = None
+    retry_after: int = 0  # new answers the last fruitless attempt asked to wait for
     failed_at: float = 0.0
+
+
+def retry_wait(summary: dict[str, Any], min_examples: int, retrain_every: int) -> int:
+    """New teacher answers to wait for after a round that made no version. Short of
+    ``min_examples`` after curation (duplicates and invalid answers dropped): about as many
+    answers as it lacked, scaled by the share curation keeps, so a stream that was short by
+    a few examples does not wait half a retraining interval; otherwise half an interval."""
+    curation = summary.get("curation") or {}
+    recorded, kept = int(curation.get("recorded", 0)), int(curation.get("examples", 0))
+    if summary.get("version") is None and 0 < kept < min_examples and recorded:
+        return min(max(1, retrain_every // 2),
+                   math.ceil((min_examples - kept) * recorded / kept))
+    return max(1, retrain_every // 2)
 
 
 def round_summary(result: Any) -> dict[str, Any]:
@@ -128,7 +143,7 @@ class DistillationLoop:
         if now - state.failed_at < FAILURE_BACKOFF_S:
             return None
         if state.attempted_at is not None and recorded - state.attempted_at < max(
-            1, policy.retrain_every // 2
+            1, state.retry_after or policy.retrain_every // 2
         ):
             return None  # the last attempt here made nothing; wait for more data
         last = state.recorded_at_last_round
@@ -184,6 +199,8 @@ class DistillationLoop:
         finally:
             await asyncio.to_thread(lock.release)
         state.attempted_at = recorded if summary["version"] is None else None
+        policy = self.settings.tasks[task].policy
+        state.retry_after = retry_wait(summary, policy.min_examples, policy.retrain_every)
         summary["trigger"] = reason
         summary["seconds"] = round(time.time() - started, 1)
         await asyncio.to_thread(

@@ -17,7 +17,7 @@ from gateway.app import create_app
 from gateway.config import Settings
 from gateway.events import recent_events
 from gateway.locks import TrainingLock
-from gateway.loop import run_round
+from gateway.loop import retry_wait, run_round
 from gateway.registry import ACTIVE, FAILED
 from gateway.testing.teacher_server import TeacherServer
 from gateway.training import Workspace
@@ -196,3 +196,17 @@ def test_two_replicas_on_postgres_train_once_and_both_serve(
         assert len(versions) == 1
         text = "my card arrival question"
         assert served_by(clients[0], text) == served_by(clients[1], text) == "student"
+
+
+def test_retry_wait_after_a_round_short_of_examples() -> None:
+    def short(recorded: int, kept: int) -> dict[str, Any]:
+        return {"version": None, "curation": {"recorded": recorded, "examples": kept}}
+
+    # 202 of 204 answers kept, 2 short: retry after about 2 more, not half an interval.
+    assert retry_wait(short(204, 202), 204, 408) == 3
+    # Curation keeps half: twice the shortfall in new answers.
+    assert retry_wait(short(200, 100), 150, 1000) == 100
+    # Never longer than half an interval, and half an interval for other fruitless rounds.
+    assert retry_wait(short(200, 10), 400, 100) == 50
+    assert retry_wait({"version": None, "curation": None}, 200, 500) == 250
+    assert retry_wait({"version": None, "reason": "no better"}, 200, 1) == 1
