@@ -62,6 +62,26 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
+def trainer_seconds(db: Path) -> float | None:
+    """The trainer's own time in the round ``train`` ran (the command adds start-up, reading
+    the store and the curation filters)."""
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        row = conn.execute("SELECT metrics FROM student_versions ORDER BY id DESC").fetchone()
+    metrics = json.loads(row[0]) if row and row[0] else {}
+    value = metrics.get("train_seconds")
+    return float(value) if value is not None else None
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path(
+            "/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def encoder_throughput(texts: list[str], seconds: float = 10.0) -> float:
     """The student's own encoder (as configured by default: int8) on batches of 32, the
     sentence embedding only: the ceiling the gateway's micro-batching is measured against."""
@@ -122,6 +142,7 @@ def main() -> None:
         run("import", "support-intents", str(logs), "--config", str(config), cwd=work)
         retrain_s = run("train", "support-intents", "--config", str(config), "--promote",
                         "always", cwd=work)
+        trainer_s = trainer_seconds(work / "bench.db")
         port = free_port()
         server = subprocess.Popen([str(BIN / "distill-gateway"), "serve", "--config",
                                    str(config), "--port", str(port)], cwd=work, env=ENV,
@@ -172,6 +193,7 @@ def main() -> None:
 
     report = {
         "retrain_10k_seconds": round(retrain_s, 1),
+        "retrain_10k_trainer_seconds": trainer_s,
         "student_share_of_test_requests": len(student_ms) / len(all_ms) if all_ms else 0.0,
         "student_p50_ms": round(statistics.median(student_ms), 2) if student_ms else None,
         "student_p99_ms": round(pct(student_ms, 0.99), 2) if student_ms else None,
@@ -181,7 +203,7 @@ def main() -> None:
         "throughput_vs_encoder": round(rps / encoder, 3) if encoder else None,
         "gateway_rss_mb": round(memory, 1),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "processor": platform.processor() or platform.machine()},
+                    "processor": cpu_model(), "load_average": os.getloadavg()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
