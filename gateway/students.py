@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -151,6 +152,10 @@ class StudentPool:
         self.current: dict[str, LoadedStudent] = {}
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill-student")
         limit_blas_threads()
+        # Idle OpenMP workers sleep instead of spinning for the event loop's core (read when
+        # torch first runs a parallel region, so before any student loads): measured p50
+        # 19.1 -> 16.7 ms for a classify request on 2 cores.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill-loader")
         self._lock = asyncio.Lock()
         self.on_swap: Callable[[str, str | None], None] | None = None
