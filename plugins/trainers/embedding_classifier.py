@@ -552,7 +552,6 @@ class EmbeddingClassifierTrainer(Trainer):
         index = {label: i for i, label in enumerate(labels)}
         y = np.array([index[t] for t in targets], dtype=np.int64)
         texts = [e.input for e in examples]
-        encoder = get_encoder(opts.encoder, opts.quantize)
         tuned: Encoder | None = None
         calibration_rows = None
         tune_figures: dict[str, Any] = {}
@@ -569,6 +568,8 @@ class EmbeddingClassifierTrainer(Trainer):
             # safetensors, and loading quantises it again the same way.
             tuned.save(out_dir / ENCODER_DIR)
             encoder = tuned.quantized() if opts.quantize == "int8" else tuned
+        else:  # the shared frozen one; not loaded at all when tuning a private copy
+            encoder = get_encoder(opts.encoder, opts.quantize)
         emb, feats = encoder.encode(texts, opts.layers, opts.max_tokens, opts.batch_size)
         encoded = time.perf_counter()
         head, figures = fit_head(emb, feats, y, labels, opts, calibration_rows)
