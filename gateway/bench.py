@@ -26,10 +26,10 @@ import openai
 
 from gateway.config import Settings, TeacherEndpoint, load_settings
 from gateway.interfaces import InvalidTarget, Task
+from gateway.providers import litellm
 from gateway.replay import answer_text
 from gateway.serving import ServerThread
 from gateway.teacher import resolve_price
-from gateway.transports import litellm
 
 TASK = "bench"
 PROMISE_TOLERANCE = 0.005  # a stream is finite: 0.97 promised, >= 0.965 delivered counts
@@ -229,8 +229,8 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
                 correct = (
                     (given is not None and task.agree(given, gold)) if gold is not None else None
                 )
-                prompt = litellm.token_counter(model=options.priced_as, messages=messages)
-                completion = litellm.token_counter(
+                prompt = litellm().token_counter(model=options.priced_as, messages=messages)
+                completion = litellm().token_counter(
                     model=options.priced_as, text=answer_text(row["teacher"])
                 )
                 outcomes.append(

@@ -26,9 +26,9 @@ from rich.table import Table
 
 from gateway.bench import teacher_costs
 from gateway.config import TeacherEndpoint, load_settings
+from gateway.providers import litellm
 from gateway.serving import ServerThread
 from gateway.teacher import resolve_price
-from gateway.transports import litellm
 
 TASK = "support-intents"
 SYSTEM = "Classify the customer's banking message: answer with exactly one intent label."
@@ -150,8 +150,8 @@ def run_demo(
                 answer = raw.parse().choices[0].message.content or ""
                 student = raw.headers["x-distill-served-by"] == "student"
                 agrees = (not student) or _same(task.task, answer, row["teacher"])
-                tokens = litellm.token_counter(model=priced_as, messages=messages)
-                out = litellm.token_counter(model=priced_as, text=row["teacher"] or "")
+                tokens = litellm().token_counter(model=priced_as, messages=messages)
+                out = litellm().token_counter(model=priced_as, text=row["teacher"] or "")
                 stats.add(student, agrees, price.cost(tokens, out))
                 if index % 50 == 0 or index == len(rows):
                     stats.history.append(

@@ -19,8 +19,10 @@ from typing import Any
 from litellm.llms.custom_llm import CustomLLM, CustomLLMError
 from litellm.types.utils import GenericStreamingChunk, ModelResponse
 
+from gateway.providers import litellm as load_litellm
 from gateway.schemas import content_text
-from gateway.transports import litellm
+
+litellm = load_litellm()  # configured for a server; replay is only imported to be used
 
 PROVIDER = "replay"
 _lock = threading.Lock()

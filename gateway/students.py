@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -131,6 +132,36 @@ def read_held_out(directory: Path) -> tuple[list[float], list[bool]] | None:
     return [float(c) for c in data["confidences"]], [bool(a) for a in data["agrees"]]
 
 
+SMALL_BATCH = 8  # batches smaller than this run on one intra-op thread (see sized_threads)
+
+
+def sized_threads(predict: Callable[[list[str]], list[Prediction]]
+                  ) -> Callable[[list[str]], list[Prediction]]:
+    """Wrap a torch student's ``predict`` (called on the inference thread) so that a small
+    batch runs on one intra-op thread and a large one on all of them.
+
+    One sentence through int8 MiniLM on 2 cores took 12.2 ms with torch's 2 (passive)
+    OpenMP threads against 5.5 ms with one: waking the second thread for each of the
+    encoder's ~100 small operations costs more than it saves, and the second core is the
+    event loop's. From 16 texts a pass, 2 threads encode ~30% more texts per second.
+    The setting is per thread for OpenMP, so only the inference thread is affected.
+    """
+    full: int | None = None
+
+    def run(texts: list[str]) -> list[Prediction]:
+        nonlocal full
+        torch = sys.modules.get("torch")  # a student that does not use torch is left alone
+        if torch is not None:
+            if full is None:
+                full = int(torch.get_num_threads())
+            want = 1 if len(texts) < SMALL_BATCH else full
+            if torch.get_num_threads() != want:  # set_num_threads also drops oneDNN caches
+                torch.set_num_threads(want)
+        return predict(texts)
+
+    return run
+
+
 def limit_blas_threads() -> None:
     """Keep NumPy's BLAS single-threaded in a serving process. Its idle threads spin after
     every call (a student head's small matrix products) and steal the cores torch's
@@ -175,7 +206,7 @@ class StudentPool:
             version=version.version,
             threshold=version.threshold,
             student=student,
-            batcher=MicroBatcher(student.predict, self.executor),
+            batcher=MicroBatcher(sized_threads(student.predict), self.executor),
             held_out=read_held_out(directory),
         )
 

@@ -18,7 +18,8 @@ from typing import Any
 
 from gateway.config import TeacherConfig, TeacherEndpoint
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamTimeout
-from gateway.transports import TeacherCallError, Transport, litellm, make_transport
+from gateway.providers import litellm, price_per_token
+from gateway.transports import TeacherCallError, Transport, make_transport
 
 log = logging.getLogger("distill_gateway.teacher")
 
@@ -50,11 +51,14 @@ def resolve_price(endpoint: TeacherEndpoint) -> Price:
         return Price(endpoint.price.input_per_mtok / 1e6, endpoint.price.output_per_mtok / 1e6)
     # A replayed teacher costs what the model it replays would have cost.
     model = endpoint.model.removeprefix("replay/")
+    flat = price_per_token(model)  # litellm's price map, read without importing litellm
+    if flat is not None:
+        return Price(*flat)
     try:
-        prompt, _ = litellm.cost_per_token(
+        prompt, _ = litellm().cost_per_token(
             model=model, prompt_tokens=1_000_000, completion_tokens=0
         )
-        _, completion = litellm.cost_per_token(
+        _, completion = litellm().cost_per_token(
             model=model, prompt_tokens=0, completion_tokens=1_000_000
         )
     except Exception:

@@ -23,19 +23,10 @@ import aiohttp
 import orjson
 
 from gateway.config import TeacherEndpoint
-
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch prices at import
-import litellm
-
-litellm.suppress_debug_info = True
-logging.getLogger("LiteLLM").setLevel(logging.WARNING)
+from gateway.providers import OPENAI_COMPATIBLE, litellm, split_model
 
 log = logging.getLogger("distill_gateway.teacher")
 
-# Providers whose endpoint takes the OpenAI chat-completions body as is.
-OPENAI_COMPATIBLE = frozenset(
-    {"openai", "hosted_vllm", "openai_like", "custom_openai", "litellm_proxy"}
-)
 OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
 
 
@@ -202,18 +193,13 @@ class OpenAIHTTPTransport:
             self._session = None
 
 
-# litellm exceptions that mean the request itself is wrong.
-_LITELLM_CLIENT_ERRORS: tuple[type[Exception], ...] = (
-    litellm.BadRequestError,
-    litellm.UnprocessableEntityError,
-)
-
-
 def _from_litellm(exc: Exception) -> TeacherCallError:
     text = str(getattr(exc, "message", None) or exc or type(exc).__name__).splitlines()[0][:500]
-    if isinstance(exc, litellm.Timeout | asyncio.TimeoutError | TimeoutError):
+    module = litellm()
+    if isinstance(exc, module.Timeout | asyncio.TimeoutError | TimeoutError):
         return TeacherCallError(text, timeout=True)
-    if isinstance(exc, _LITELLM_CLIENT_ERRORS):
+    # litellm exceptions that mean the request itself is wrong.
+    if isinstance(exc, module.BadRequestError | module.UnprocessableEntityError):
         return TeacherCallError(text, retryable=False, status=400)
     return TeacherCallError(text, status=getattr(exc, "status_code", None))
 
@@ -256,7 +242,7 @@ class LiteLLMTransport:
     ) -> dict[str, Any]:
         try:
             response = await asyncio.wait_for(
-                litellm.acompletion(**self._kwargs(messages, params)),
+                litellm().acompletion(**self._kwargs(messages, params)),
                 timeout=self.endpoint.timeout_s + 1.0,
             )  # in case a provider ignores timeout
         except Exception as exc:
@@ -270,7 +256,7 @@ class LiteLLMTransport:
         kwargs["stream"] = True
         try:
             stream = await asyncio.wait_for(
-                litellm.acompletion(**kwargs), timeout=self.endpoint.timeout_s + 1.0
+                litellm().acompletion(**kwargs), timeout=self.endpoint.timeout_s + 1.0
             )
         except Exception as exc:
             raise _from_litellm(exc) from None
@@ -295,12 +281,16 @@ def make_transport(endpoint: TeacherEndpoint) -> Transport:
         return LiteLLMTransport(endpoint)
     if endpoint.transport == "litellm":
         return LiteLLMTransport(endpoint)
-    try:
-        model, provider, _, api_base = litellm.get_llm_provider(
-            model=endpoint.model, api_base=endpoint.api_base
-        )
-    except Exception:
-        provider, model, api_base = "", endpoint.model, None
+    known = split_model(endpoint.model)  # the common case, answered without litellm
+    if known is not None:
+        (provider, model), api_base = known, endpoint.api_base
+    else:
+        try:
+            model, provider, _, api_base = litellm().get_llm_provider(
+                model=endpoint.model, api_base=endpoint.api_base
+            )
+        except Exception:
+            provider, model, api_base = "", endpoint.model, None
     if provider == "openai" and not api_base:
         api_base = os.environ.get("OPENAI_BASE_URL") or OPENAI_DEFAULT_BASE
     if provider in OPENAI_COMPATIBLE and api_base:

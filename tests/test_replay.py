@@ -9,8 +9,8 @@ import openai
 import pytest
 
 from gateway.app import create_app
+from gateway.providers import litellm
 from gateway.testing.teacher_server import TeacherServer
-from gateway.transports import litellm
 from tests.conftest import make_settings
 from tests.servers import GatewayServer
 
@@ -37,7 +37,7 @@ def test_replay_teacher_through_the_gateway(tmp_path: Path, teacher: TeacherServ
         assert answer.choices[0].message.content == "card_arrival"
         usage = answer.usage
         assert usage is not None and usage.prompt_tokens > 0
-        prompt, completion = litellm.cost_per_token(
+        prompt, completion = litellm().cost_per_token(
             model="gpt-4o",
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import openai
@@ -9,9 +11,10 @@ import pytest
 
 from gateway.app import create_app
 from gateway.config import TeacherEndpoint
+from gateway.providers import litellm, price_map, split_model
 from gateway.teacher import resolve_price
 from gateway.testing.teacher_server import TeacherServer
-from gateway.transports import LiteLLMTransport, OpenAIHTTPTransport, litellm, make_transport
+from gateway.transports import LiteLLMTransport, OpenAIHTTPTransport, make_transport
 from tests.conftest import make_settings
 from tests.servers import GatewayServer
 
@@ -37,7 +40,7 @@ def test_transport_choice() -> None:
 
 def test_price_from_litellm_price_map() -> None:
     price = resolve_price(TeacherEndpoint(model="openai/gpt-4o"))
-    prompt, completion = litellm.cost_per_token(
+    prompt, completion = litellm().cost_per_token(
         model="openai/gpt-4o", prompt_tokens=1000, completion_tokens=100
     )
     assert price.cost(1000, 100) == pytest.approx(prompt + completion)
@@ -45,6 +48,57 @@ def test_price_from_litellm_price_map() -> None:
     configured = TeacherEndpoint(model="x/y", price={"input_per_mtok": 1, "output_per_mtok": 4})
     assert resolve_price(configured).cost(1_000_000, 1_000_000) == pytest.approx(5.0)
     assert resolve_price(TeacherEndpoint(model="openai/not-a-real-model")).cost(10, 10) == 0.0
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "openai/gpt-4o-mini", "gpt-3.5-turbo",
+                                   "anthropic/claude-sonnet-4-5", "claude-haiku-4-5"])
+def test_price_map_read_without_litellm_agrees_with_litellm(model: str) -> None:
+    assert model in price_map() or model.partition("/")[2] in price_map()
+    prompt, completion = litellm().cost_per_token(
+        model=model, prompt_tokens=1000, completion_tokens=100
+    )
+    assert resolve_price(TeacherEndpoint(model=model)).cost(1000, 100) == pytest.approx(
+        prompt + completion
+    )
+
+
+def test_provider_split_without_litellm_agrees_with_litellm() -> None:
+    for model in ["gpt-4o", "openai/gpt-4o", "hosted_vllm/llama-3"]:
+        known = split_model(model)
+        assert known is not None, model
+        name, provider, _, _ = litellm().get_llm_provider(model=model, api_base="http://h/v1")
+        assert known == (provider, name)
+    # Anything else is left to litellm.
+    assert split_model("anthropic/claude-3-5-sonnet-20240620") is None
+    assert split_model("claude-haiku-4-5") is None
+    assert split_model("text-embedding-3-small") is None  # an OpenAI model, not a chat one
+
+
+def test_gateway_with_an_openai_compatible_teacher_never_imports_litellm(tmp_path: Path) -> None:
+    """litellm costs ~190 MB and ~3 s per serving process; the direct path does not need it."""
+    script = f"""
+import sys
+import httpx
+from gateway.app import create_app
+from gateway.config import load_settings
+from gateway.testing.teacher_server import TeacherServer
+from tests.servers import GatewayServer
+teacher = TeacherServer().start()
+settings = load_settings(None, database="sqlite:///{tmp_path / 'd.db'}",
+                         artifacts="{tmp_path / 'artifacts'}",
+                         default_teacher={{"model": "gpt-4o", "api_base": teacher.url,
+                                           "api_key": "sk-test"}})
+with GatewayServer(create_app(settings)) as gateway:
+    answer = httpx.post(gateway.url + "/v1/chat/completions", json={{
+        "model": "gpt-4o", "messages": [{{"role": "user", "content": "hi"}}]}})
+    assert answer.status_code == 200, answer.text
+    assert float(answer.headers["x-distill-cost-usd"]) > 0  # priced from the map
+assert "litellm" not in sys.modules, "litellm was imported"
+teacher.stop()
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("transport", ["litellm", "auto"])
@@ -77,7 +131,7 @@ def test_both_transports_end_to_end(tmp_path: Path, teacher: TeacherServer, tran
         assert teacher.requests[-1]["model"] == "gpt-4o"
         usage = completion.usage
         assert usage is not None
-        prompt, completion_cost = litellm.cost_per_token(
+        prompt, completion_cost = litellm().cost_per_token(
             model="openai/gpt-4o",
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
