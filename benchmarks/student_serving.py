@@ -5,12 +5,16 @@ Rerunnable: ``.venv/bin/python benchmarks/student_serving.py [--out FILE]``.
 1. Imports Banking77 train (10,003 rows, gold label as the teacher's answer) into a
    fresh SQLite store and times ``distill-gateway train`` (retrain time on 10k).
 2. Serves the gateway as a user does (``distill-gateway serve``, one worker) with the
-   trained classify student active and the replay teacher behind it.
+   trained classify student active; the teacher is a local OpenAI-compatible server
+   (``gateway.testing.teacher_server``), reached the way an OpenAI teacher is.
 3. Single request: sequential requests on one keep-alive connection, p50 / p99 of the
    requests the student answered.
-4. Throughput under concurrency (wrk, 32 connections) against the encoder's own batched
-   throughput (the same MiniLM encoding batches of 32 in a loop, in this process).
-5. Gateway RSS with the student loaded.
+4. Throughput under concurrency: 32 keep-alive connections in a closed loop, cycling
+   through the test texts the student answers, from a load generator that writes
+   prebuilt requests on raw sockets (a few microseconds of client CPU per request, as
+   with wrk, which these machines lack), against the encoder's own batched throughput
+   on the same texts (batches of 32, the student's options, in this process).
+5. Gateway RSS with the student loaded, after the load.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import statistics
@@ -83,57 +86,87 @@ def cpu_model() -> str:
 
 
 def encoder_throughput(texts: list[str], seconds: float = 10.0) -> float:
-    """The student's own encoder (as configured by default: int8) on batches of 32, the
-    sentence embedding only: the ceiling the gateway's micro-batching is measured against."""
+    """The student's own encoder (int8, as configured by default) on batches of 32 of the
+    same texts the gateway is loaded with, encoded the way the student encodes them (its
+    layers and pass size, all cores): the ceiling the gateway's micro-batching is measured
+    against."""
     sys.path.insert(0, str(ROOT))
     from plugins.trainers.embedding_classifier import EmbeddingClassifierOptions, get_encoder
 
-    defaults = EmbeddingClassifierOptions()
-    encoder = get_encoder(defaults.encoder, defaults.quantize)
-    encoder.encode(texts[:64], [-1], defaults.max_tokens, 32)
+    options = EmbeddingClassifierOptions()
+    encoder = get_encoder(options.encoder, options.quantize)
+    batches = [texts[i:i + 32] for i in range(0, len(texts) - 31, 32)] or [texts]
+    encoder.encode(batches[0], options.layers, options.max_tokens, options.predict_batch_size)
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        batch = texts[done % (len(texts) - 32): done % (len(texts) - 32) + 32]
-        encoder.encode(batch, [-1], defaults.max_tokens, 32)
+        batch = batches[(done // 32) % len(batches)]
+        encoder.encode(batch, options.layers, options.max_tokens, options.predict_batch_size)
         done += len(batch)
     return done / (time.perf_counter() - started)
 
 
-def python_load(url: str, body: bytes, duration: int, connections: int) -> float:
-    """Where wrk is not installed: the same closed loop from aiohttp (costs the client more
-    CPU than wrk on the same cores, so it reads lower)."""
+def raw_load(port: int, bodies: list[bytes], duration: float, connections: int) -> float:
+    """Closed-loop HTTP/1.1 load: each connection sends the next prebuilt request as soon as
+    the previous answer is complete; answers other than 200 are not counted."""
     import asyncio
 
-    import aiohttp
+    import uvloop
 
-    async def main() -> int:
-        done = 0
-        deadline = time.perf_counter() + duration
-        connector = aiohttp.TCPConnector(limit=connections)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            async def worker() -> None:
-                nonlocal done
-                while time.perf_counter() < deadline:
-                    async with session.post(url, data=body, headers={
-                            "content-type": "application/json"}) as response:
-                        await response.read()
-                        done += response.status == 200
-            await asyncio.gather(*(worker() for _ in range(connections)))
-        return done
+    requests = [(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                 ).encode() + body for body in bodies]
+    ok = 0
 
-    started = time.perf_counter()
-    done = asyncio.run(main())
-    return done / (time.perf_counter() - started)
+    class Connection(asyncio.Protocol):
+        def __init__(self, first: int, deadline: float, closed: asyncio.Future[None]) -> None:
+            self.next, self.deadline, self.closed = first, deadline, closed
+            self.buffer = b""
+            self.transport: asyncio.Transport | None = None
 
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            self.transport = transport
+            self.send()
 
-def wrk(url: str, body: bytes, duration: int, connections: int) -> float:
-    script = Path(tempfile.mkstemp(suffix=".lua")[1])
-    script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-                      f"wrk.body = {json.dumps(body.decode())}\n")
-    result = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "-s",
-                             str(script), url], capture_output=True, text=True, check=True)
-    match = re.search(r"Requests/sec:\s+([\d.]+)", result.stdout)
-    return float(match.group(1)) if match else 0.0
+        def send(self) -> None:
+            assert self.transport is not None
+            self.transport.write(requests[self.next % len(requests)])
+            self.next += 1
+
+        def data_received(self, data: bytes) -> None:
+            nonlocal ok
+            self.buffer += data
+            while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+                head = self.buffer[:end].lower()
+                at = head.find(b"content-length:")
+                length = int(head[at + 15:].split(b"\r\n", 1)[0]) if at >= 0 else 0
+                if len(self.buffer) < end + 4 + length:
+                    return
+                ok += head.startswith(b"http/1.1 200")
+                self.buffer = self.buffer[end + 4 + length:]
+                if time.perf_counter() < self.deadline:
+                    self.send()
+                elif self.transport is not None:
+                    self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if not self.closed.done():
+                self.closed.set_result(None)
+
+    async def run() -> float:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        closed: list[asyncio.Future[None]] = []
+        for c in range(connections):
+            future: asyncio.Future[None] = loop.create_future()
+            await loop.create_connection(
+                lambda c=c, f=future: Connection(c * 7, started + duration, f), "127.0.0.1", port)
+            closed.append(future)
+        await asyncio.gather(*closed)
+        return time.perf_counter() - started
+
+    elapsed = uvloop.run(run())
+    return ok / elapsed
 
 
 def main() -> None:
@@ -150,15 +183,14 @@ def main() -> None:
     labels = json.loads((DATA / "categories.json").read_text())
     work = Path(tempfile.mkdtemp(prefix="distill-student-bench-"))
     try:
-        stream = work / "teacher.jsonl"
-        stream.write_text("".join(json.dumps({"text": t, "teacher": "card_arrival"}) + "\n"
-                                  for t in tests))
+        teacher_port = free_port()
         config = work / "config.yaml"
         config.write_text(json.dumps({
             "database": f"sqlite:///{work / 'bench.db'}", "artifacts": str(work / "artifacts"),
             "tasks": {"support-intents": {
                 "plugin": "classify", "options": {"labels": labels},
-                "teacher": {"model": "replay/gpt-4o", "api_base": str(stream)},
+                "teacher": {"model": "openai/gpt-4o", "api_key": "sk-bench",
+                            "api_base": f"http://127.0.0.1:{teacher_port}/v1"},
                 "policy": {"target_agreement": 0.97, "audit_rate": 0.0},
             }},
             "server": {"log_level": "warning"}, "loop": {"enabled": False},
@@ -171,6 +203,9 @@ def main() -> None:
                         "always", cwd=work)
         trainer_s = trainer_seconds(work / "bench.db")
         port = free_port()
+        teacher = subprocess.Popen([sys.executable, "-m", "gateway.testing.teacher_server",
+                                    "--port", str(teacher_port), "--answer", "card_arrival"],
+                                   cwd=ROOT, env=ENV, start_new_session=True)
         server = subprocess.Popen([str(BIN / "distill-gateway"), "serve", "--config",
                                    str(config), "--port", str(port)], cwd=work, env=ENV,
                                   start_new_session=True)
@@ -200,19 +235,19 @@ def main() -> None:
                     all_ms.append(ms)
                     if response.headers.get("x-distill-served-by") == "student":
                         student_ms.append(ms)
-            served = [t for t in tests[:300] if client.post(url, content=orjson.dumps({
+            served = [t for t in tests if client.post(url, content=orjson.dumps({
                 "model": "support-intents", "messages": [{"role": "user", "content": t}]}),
                 headers={"content-type": "application/json"}).headers.get(
-                "x-distill-served-by") == "student"]
-            body = orjson.dumps({"model": "support-intents", "messages": [
-                {"role": "user", "content": served[0] if served else tests[0]}]})
-            rps = (wrk(url, body, args.duration, 32) if shutil.which("wrk")
-                   else python_load(url, body, args.duration, 32))
+                "x-distill-served-by") == "student"] or tests
+            bodies = [orjson.dumps({"model": "support-intents", "messages": [
+                {"role": "user", "content": t}]}) for t in served]
+            rps = raw_load(port, bodies, args.duration, 32)
             memory = rss_mb(server.pid)
         finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=60)
-        encoder = encoder_throughput(tests)
+            for process in (server, teacher):
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=60)
+        encoder = encoder_throughput(served)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

