@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 import httpx
 import orjson
@@ -124,8 +125,8 @@ def raw_load(port: int, bodies: list[bytes], duration: float, connections: int) 
             self.transport: asyncio.Transport | None = None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            assert isinstance(transport, asyncio.Transport)
-            self.transport = transport
+            # uvloop's transports do not subclass asyncio.Transport; they implement it.
+            self.transport = cast(asyncio.Transport, transport)
             self.send()
 
         def send(self) -> None:
