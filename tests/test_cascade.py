@@ -293,3 +293,40 @@ def test_inference_thread_runs_small_batches_on_one_core_and_large_on_all() -> N
             assert len(worker.submit(run, ["t"] * size).result()) == size
     assert seen == [1, full, 1, 1, full]
     assert torch.get_num_threads() == main_threads  # OpenMP's setting is per thread
+
+
+@pytest.mark.parametrize("gather_ms", [20.0, 0.0])
+def test_micro_batcher_gathers_concurrent_clients_into_full_batches(gather_ms: float) -> None:
+    """Eight clients in a closed loop: after the first round their requests go together,
+    not as a single request followed by the seven that arrived meanwhile."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.interfaces import Prediction
+    from gateway.students import MicroBatcher
+
+    sizes: list[int] = []
+
+    def predict(texts: list[str]) -> list[Prediction]:
+        sizes.append(len(texts))
+        time.sleep(0.005)  # the encoder's work, on the inference thread
+        return [Prediction(target=t, confidence=1.0) for t in texts]
+
+    async def main() -> None:
+        batcher = MicroBatcher(predict, ThreadPoolExecutor(1), gather_ms=gather_ms)
+        rng = random.Random(0)
+
+        async def client(name: str) -> None:
+            for i in range(10):
+                await asyncio.sleep(rng.uniform(0, 0.001))  # the network, both ways
+                assert (await batcher.predict(f"{name}-{i}")).target == f"{name}-{i}"
+
+        await asyncio.gather(*(client(str(c)) for c in range(8)))
+
+    asyncio.run(main())
+    assert sum(sizes) == 80
+    singles_after_start = sizes[1:].count(1)
+    if gather_ms:
+        assert singles_after_start <= 1 and len(sizes) <= 13, sizes
+    else:  # without gathering, each round splits into a single and the rest
+        assert singles_after_start >= 5, sizes

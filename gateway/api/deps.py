@@ -1,4 +1,9 @@
-"""Typed dependencies: the app's runtime and cascade, reached from the request."""
+"""Typed dependencies: the app's runtime and cascade, reached from the request.
+
+They are ``async def`` although they do not await: FastAPI runs a plain ``def``
+dependency in its thread pool, two thread hand-offs per request (measured with a classify
+student under 32 connections: 246 -> 282 req/s, both under a sampling profiler).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,12 @@ from gateway.cascade import Cascade
 from gateway.runtime import Runtime
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
 
-def get_cascade(request: Request) -> Cascade:
+async def get_cascade(request: Request) -> Cascade:
     cascade: Cascade = request.app.state.cascade
     return cascade
 
