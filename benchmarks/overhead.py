@@ -11,9 +11,8 @@ What it measures, in one run on the same machine:
    of percentiles (gateway p50 - direct p50, gateway p99 - direct p99). Per-request
    differences are not meaningful (the requests are not paired), so the raw distributions
    are reported alongside.
-3. **Throughput** under concurrency with ``wrk`` (Debian package ``wrk``); without it, an
-   asyncio + httpx load generator is used instead (and said so: it is itself CPU-bound
-   and reports lower numbers).
+3. **Throughput** under concurrency with ``wrk`` (Debian package ``wrk``); without it,
+   ``benchmarks/loadgen.py`` (prebuilt requests on raw sockets, said so in the report).
 
 The LiteLLM proxy lives in its own venv, ``.bench-venv-litellm-proxy/`` (created with
 ``--setup-litellm-proxy``); it is skipped, with a note, when that venv is absent.
@@ -27,7 +26,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import datetime as dt
 import json
@@ -42,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,49 +282,26 @@ def run_wrk(
     return result
 
 
-async def _httpx_load(
-    url: str, model: str, duration: float, connections: int
-) -> tuple[int, int, list[float]]:
+def run_raw_load(url: str, model: str, duration: float, connections: int) -> dict[str, Any]:
+    """Where wrk is not installed: prebuilt requests on raw sockets (benchmarks/loadgen.py),
+    a few microseconds of client CPU per request."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from loadgen import raw_load
+
+    parts = urllib.parse.urlsplit(url)
     body = json.dumps(chat_body(model)).encode()
-    headers = {"content-type": "application/json", "authorization": "Bearer x"}
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    ok = 0
-    failed = 0
-    samples: list[float] = []
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
-        stop_at = time.perf_counter() + duration
-
-        async def worker() -> None:
-            nonlocal ok, failed
-            while time.perf_counter() < stop_at:
-                start = time.perf_counter()
-                try:
-                    r = await client.post(url, content=body, headers=headers)
-                except httpx.HTTPError:
-                    failed += 1
-                    continue
-                samples.append((time.perf_counter() - start) * 1000)
-                if r.status_code == 200:
-                    ok += 1
-                else:
-                    failed += 1
-
-        await asyncio.gather(*(worker() for _ in range(connections)))
-    return ok, failed, samples
-
-
-def run_httpx_load(url: str, model: str, duration: float, connections: int) -> dict[str, Any]:
-    asyncio.run(_httpx_load(url, model, min(2.0, duration), connections))  # warm-up
-    start = time.perf_counter()
-    ok, failed, samples = asyncio.run(_httpx_load(url, model, duration, connections))
-    elapsed = time.perf_counter() - start
+    args = (parts.port or 80, [body])
+    raw_load(*args, min(2.0, duration), connections, path=parts.path,
+             headers={"authorization": "Bearer x"})  # warm-up
+    ok_per_s, failed = raw_load(*args, duration, connections, path=parts.path,
+                                headers={"authorization": "Bearer x"})
     return {
-        "tool": "httpx-asyncio (wrk not installed; client-bound, numbers are lower bounds)",
-        "requests_per_s": round((ok + failed) / elapsed, 1),
-        "requests": ok + failed,
+        "tool": "benchmarks/loadgen.py (raw sockets; wrk not installed)",
+        "requests_per_s": round(ok_per_s, 1),
+        "requests": round(ok_per_s * duration) + failed,
         "non_2xx": failed,
         "socket_errors": None,
-        "latency_ms": summarize(samples) if samples else {},
+        "latency_ms": {},
         "duration_s": duration,
         "connections": connections,
         "threads": 1,
@@ -335,7 +311,7 @@ def run_httpx_load(url: str, model: str, duration: float, connections: int) -> d
 def throughput(url: str, model: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     if shutil.which("wrk"):
         return run_wrk(url, model, args.duration, args.connections, args.threads, workdir)
-    return run_httpx_load(url, model, args.duration, args.connections)
+    return run_raw_load(url, model, args.duration, args.connections)
 
 
 # -- systems --------------------------------------------------------------------------------
@@ -558,8 +534,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not shutil.which("wrk"):
         print(
-            "NOTE: wrk not found (install it with `apt-get install -y wrk`); falling back to an "
-            "asyncio+httpx load generator, which is client-bound and reports lower req/s.",
+            "NOTE: wrk not found (install it with `apt-get install -y wrk`); using "
+            "benchmarks/loadgen.py (prebuilt requests on raw sockets) instead.",
             file=sys.stderr,
         )
 

@@ -32,10 +32,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import cast
 
 import httpx
 import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import raw_load
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "banking77"
@@ -110,70 +112,6 @@ def encoder_throughput(texts: list[str], seconds: float = 10.0) -> float:
     return done / (time.perf_counter() - started)
 
 
-def raw_load(port: int, bodies: list[bytes], duration: float, connections: int) -> float:
-    """Closed-loop HTTP/1.1 load: each connection sends the next prebuilt request as soon as
-    the previous answer is complete; answers other than 200 are not counted."""
-    import asyncio
-
-    import uvloop
-
-    requests = [(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-                 ).encode() + body for body in bodies]
-    ok = 0
-
-    class Connection(asyncio.Protocol):
-        def __init__(self, first: int, deadline: float, closed: asyncio.Future[None]) -> None:
-            self.next, self.deadline, self.closed = first, deadline, closed
-            self.buffer = b""
-            self.transport: asyncio.Transport | None = None
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            # uvloop's transports do not subclass asyncio.Transport; they implement it.
-            self.transport = cast(asyncio.Transport, transport)
-            self.send()
-
-        def send(self) -> None:
-            assert self.transport is not None
-            self.transport.write(requests[self.next % len(requests)])
-            self.next += 1
-
-        def data_received(self, data: bytes) -> None:
-            nonlocal ok
-            self.buffer += data
-            while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
-                head = self.buffer[:end].lower()
-                at = head.find(b"content-length:")
-                length = int(head[at + 15:].split(b"\r\n", 1)[0]) if at >= 0 else 0
-                if len(self.buffer) < end + 4 + length:
-                    return
-                ok += head.startswith(b"http/1.1 200")
-                self.buffer = self.buffer[end + 4 + length:]
-                if time.perf_counter() < self.deadline:
-                    self.send()
-                elif self.transport is not None:
-                    self.transport.close()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if not self.closed.done():
-                self.closed.set_result(None)
-
-    async def run() -> float:
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        closed: list[asyncio.Future[None]] = []
-        for c in range(connections):
-            future: asyncio.Future[None] = loop.create_future()
-            await loop.create_connection(
-                lambda c=c, f=future: Connection(c * 7, started + duration, f), "127.0.0.1", port)
-            closed.append(future)
-        await asyncio.gather(*closed)
-        return time.perf_counter() - started
-
-    elapsed = uvloop.run(run())
-    return ok / elapsed
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
@@ -246,7 +184,7 @@ def main() -> None:
                 "x-distill-served-by") == "student"] or tests
             bodies = [orjson.dumps({"model": "support-intents", "messages": [
                 {"role": "user", "content": t}]}) for t in served]
-            rps = raw_load(port, bodies, args.duration, 32)
+            rps, _ = raw_load(port, bodies, args.duration, 32)
             memory = rss_mb(server.pid)
         finally:
             for process in (server, teacher):
