@@ -221,6 +221,7 @@ class LiteLLMTransport:
     def __init__(self, endpoint: TeacherEndpoint) -> None:
         self.model = endpoint.model
         self.endpoint = endpoint
+        litellm()  # imported now, at start-up: ~3 s that must not stall the first request
 
     def _kwargs(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
         e = self.endpoint

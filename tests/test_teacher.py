@@ -95,6 +95,12 @@ with GatewayServer(create_app(settings)) as gateway:
     assert float(answer.headers["x-distill-cost-usd"]) > 0  # priced from the map
 assert "litellm" not in sys.modules, "litellm was imported"
 teacher.stop()
+# A teacher that needs litellm loads it when the transport is made (at start-up), not on
+# its first request, where a ~3 s import would stall the event loop.
+from gateway.config import TeacherEndpoint
+from gateway.transports import make_transport
+make_transport(TeacherEndpoint(model="anthropic/claude-sonnet-4-5"))
+assert "litellm" in sys.modules
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1],
                           capture_output=True, text=True, timeout=120)
