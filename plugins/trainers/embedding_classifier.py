@@ -651,7 +651,11 @@ class EmbeddingClassifierTrainer(Trainer):
                              "one the artifact was trained with")
         targets = ([task.parse_target(label) for label in head.labels]
                    if meta.get("rendered_targets") else None)
-        return EmbeddingClassifierStudent(encoder, head, opts, meta, targets)
+        student = EmbeddingClassifierStudent(encoder, head, opts, meta, targets)
+        # Warm up here, in the loader: the encoder's first pass checks its direct BERT path
+        # and builds kernels (tens of ms) that would otherwise land on a live request.
+        student.predict(["warm-up"])
+        return student
 
     @staticmethod
     def _label(target: Any, task: Task) -> str:
