@@ -161,6 +161,7 @@ def read_held_out(directory: Path) -> tuple[list[float], list[bool]] | None:
 
 
 SMALL_BATCH = 8  # batches smaller than this run on one intra-op thread (see sized_threads)
+_ALL_THREADS: int | None = None  # per process: a swapped-in student must not read our 1
 
 
 def sized_threads(predict: Callable[[list[str]], list[Prediction]]
@@ -174,15 +175,13 @@ def sized_threads(predict: Callable[[list[str]], list[Prediction]]
     event loop's. From 16 texts a pass, 2 threads encode ~30% more texts per second.
     The setting is per thread for OpenMP, so only the inference thread is affected.
     """
-    full: int | None = None
-
     def run(texts: list[str]) -> list[Prediction]:
-        nonlocal full
+        global _ALL_THREADS
         torch = sys.modules.get("torch")  # a student that does not use torch is left alone
         if torch is not None:
-            if full is None:
-                full = int(torch.get_num_threads())
-            want = 1 if len(texts) < SMALL_BATCH else full
+            if _ALL_THREADS is None:  # the inference thread's default, before any change
+                _ALL_THREADS = int(torch.get_num_threads())
+            want = 1 if len(texts) < SMALL_BATCH else _ALL_THREADS
             if torch.get_num_threads() != want:  # set_num_threads also drops oneDNN caches
                 torch.set_num_threads(want)
         return predict(texts)

@@ -284,14 +284,17 @@ def test_inference_thread_runs_small_batches_on_one_core_and_large_on_all() -> N
         seen.append(torch.get_num_threads())
         return [Prediction(target="x", confidence=1.0) for _ in texts]
 
-    run = sized_threads(predict)
-    full = 2
     main_threads = torch.get_num_threads()
+    with ThreadPoolExecutor(1) as fresh:
+        full = fresh.submit(torch.get_num_threads).result()  # a new thread's default
     with ThreadPoolExecutor(1) as worker:
-        worker.submit(torch.set_num_threads, full).result()
-        for size in (1, SMALL_BATCH, 1, SMALL_BATCH - 1, 3 * SMALL_BATCH):
+        run = sized_threads(predict)
+        for size in (1, SMALL_BATCH, 1, SMALL_BATCH - 1, 3 * SMALL_BATCH, 1):
             assert len(worker.submit(run, ["t"] * size).result()) == size
-    assert seen == [1, full, 1, 1, full]
+        # A student swapped in after a single request still gets every core for a batch.
+        swapped = sized_threads(predict)
+        assert len(worker.submit(swapped, ["t"] * SMALL_BATCH).result()) == SMALL_BATCH
+    assert seen == [1, full, 1, 1, full, 1, full]
     assert torch.get_num_threads() == main_threads  # OpenMP's setting is per thread
 
 
