@@ -13,7 +13,8 @@ Rerunnable: ``.venv/bin/python benchmarks/student_serving.py [--out FILE]``.
    through the test texts the student answers, from a load generator that writes
    prebuilt requests on raw sockets (a few microseconds of client CPU per request, as
    with wrk, which these machines lack), against the encoder's own batched throughput
-   on the same texts (batches of 32, the student's options, in this process).
+   on the same texts (random batches of 32, the student's options, in this process,
+   while the gateway idles), the two measured in alternating slices.
 5. Gateway RSS with the student loaded, after the load.
 """
 
@@ -117,7 +118,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
                         "student_serving.json")
     parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--duration", type=float, default=20.0,
+                        help="seconds of load for each of gateway and encoder, in all")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="alternating gateway / encoder slices the duration is cut into")
     args = parser.parse_args()
     import csv
 
@@ -184,13 +188,21 @@ def main() -> None:
                 "x-distill-served-by") == "student"] or tests
             bodies = [orjson.dumps({"model": "support-intents", "messages": [
                 {"role": "user", "content": t}]}) for t in served]
-            rps, _ = raw_load(port, bodies, args.duration, 32)
+            # Gateway and encoder in alternating slices (the gateway idles meanwhile): the
+            # speed of these shared 2-core machines drifts by 10-20% within minutes, and
+            # the ratio should compare like with like.
+            rounds = max(1, args.rounds)
+            gateway_rps, encoder_tps = [], []
+            raw_load(port, bodies, 2, 32)  # warm-up
+            for _ in range(rounds):
+                encoder_tps.append(encoder_throughput(served, args.duration / rounds))
+                gateway_rps.append(raw_load(port, bodies, args.duration / rounds, 32)[0])
+            rps, encoder = statistics.mean(gateway_rps), statistics.mean(encoder_tps)
             memory = rss_mb(server.pid)
         finally:
             for process in (server, teacher):
                 os.killpg(process.pid, signal.SIGTERM)
                 process.wait(timeout=60)
-        encoder = encoder_throughput(served)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -207,6 +219,8 @@ def main() -> None:
         "throughput_rps_c32": round(rps, 1),
         "encoder_batched_texts_per_s": round(encoder, 1),
         "throughput_vs_encoder": round(rps / encoder, 3) if encoder else None,
+        "throughput_rounds": [{"gateway_rps": round(g, 1), "encoder_texts_per_s": round(e, 1)}
+                              for g, e in zip(gateway_rps, encoder_tps, strict=True)],
         "gateway_rss_mb": round(memory, 1),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "processor": cpu_model(), "load_average": os.getloadavg()},
