@@ -12,14 +12,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from typing import cast
+from typing import NamedTuple, cast
+
+
+class Load(NamedTuple):
+    ok: int  # answers with status 200
+    other: int  # answers with any other status
+    seconds: float  # from the first connection to the last answer
 
 
 def raw_load(port: int, bodies: list[bytes], duration: float, connections: int,
              path: str = "/v1/chat/completions", host: str = "127.0.0.1",
-             headers: dict[str, str] | None = None) -> tuple[float, int]:
-    """(answers with status 200 per second, answers with another status), with
-    ``connections`` keep-alive connections cycling through ``bodies`` for ``duration``."""
+             headers: dict[str, str] | None = None) -> Load:
+    """``connections`` keep-alive connections cycling through ``bodies`` for ``duration``."""
     import uvloop
 
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
@@ -80,4 +85,4 @@ def raw_load(port: int, bodies: list[bytes], duration: float, connections: int,
         return time.perf_counter() - started
 
     elapsed = uvloop.run(run())
-    return ok / elapsed, other
+    return Load(ok, other, elapsed)

@@ -48,6 +48,9 @@ from typing import Any
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # loadgen, a sibling script
+from loadgen import raw_load
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 PROXY_VENV = ROOT / ".bench-venv-litellm-proxy"
@@ -285,21 +288,18 @@ def run_wrk(
 def run_raw_load(url: str, model: str, duration: float, connections: int) -> dict[str, Any]:
     """Where wrk is not installed: prebuilt requests on raw sockets (benchmarks/loadgen.py),
     a few microseconds of client CPU per request."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from loadgen import raw_load
-
     parts = urllib.parse.urlsplit(url)
     body = json.dumps(chat_body(model)).encode()
     args = (parts.port or 80, [body])
     raw_load(*args, min(2.0, duration), connections, path=parts.path,
              headers={"authorization": "Bearer x"})  # warm-up
-    ok_per_s, failed = raw_load(*args, duration, connections, path=parts.path,
-                                headers={"authorization": "Bearer x"})
+    load = raw_load(*args, duration, connections, path=parts.path,
+                    headers={"authorization": "Bearer x"})
     return {
         "tool": "benchmarks/loadgen.py (raw sockets; wrk not installed)",
-        "requests_per_s": round(ok_per_s, 1),
-        "requests": round(ok_per_s * duration) + failed,
-        "non_2xx": failed,
+        "requests_per_s": round((load.ok + load.other) / load.seconds, 1),
+        "requests": load.ok + load.other,
+        "non_2xx": load.other,
         "socket_errors": None,
         "latency_ms": {},
         "duration_s": duration,

@@ -10,7 +10,7 @@ Rerunnable: ``.venv/bin/python benchmarks/student_serving.py [--out FILE]``.
 3. Single request: sequential requests on one keep-alive connection, p50 / p99 of the
    requests the student answered.
 4. Throughput under concurrency: 32 keep-alive connections in a closed loop, cycling
-   through the test texts the student answers, from a load generator that writes
+   through the test texts the student answered in step 3, from a load generator that writes
    prebuilt requests on raw sockets (a few microseconds of client CPU per request, as
    with wrk, which these machines lack), against the encoder's own batched throughput
    on the same texts (random batches of 32, the student's options, in this process,
@@ -37,11 +37,12 @@ from pathlib import Path
 import httpx
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # loadgen, a sibling script
 from loadgen import raw_load
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "banking77"
+sys.path.insert(0, str(ROOT))  # the plugins, for the encoder ceiling
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
        "TOKENIZERS_PARALLELISM": "false"}
@@ -95,7 +96,6 @@ def encoder_throughput(texts: list[str], seconds: float = 10.0) -> float:
     of the same texts the gateway is loaded with, encoded the way the student encodes them (its
     layers and pass size, all cores): the ceiling the gateway's micro-batching is measured
     against."""
-    sys.path.insert(0, str(ROOT))
     from plugins.trainers.embedding_classifier import EmbeddingClassifierOptions, get_encoder
 
     options = EmbeddingClassifierOptions()
@@ -171,21 +171,23 @@ def main() -> None:
             client = httpx.Client()
             student_ms: list[float] = []
             all_ms: list[float] = []
+            served: list[str] = []  # the texts the student answered, for the load below
             for i in range(args.requests + 100):
+                text = tests[i % len(tests)]
                 body = orjson.dumps({"model": "support-intents", "messages": [
-                    {"role": "user", "content": tests[i % len(tests)]}]})
+                    {"role": "user", "content": text}]})
                 started = time.perf_counter()
                 response = client.post(url, content=body,
                                        headers={"content-type": "application/json"})
                 ms = (time.perf_counter() - started) * 1000
+                by_student = response.headers.get("x-distill-served-by") == "student"
+                if by_student:
+                    served.append(text)
                 if i >= 100:  # warm-up
                     all_ms.append(ms)
-                    if response.headers.get("x-distill-served-by") == "student":
+                    if by_student:
                         student_ms.append(ms)
-            served = [t for t in tests if client.post(url, content=orjson.dumps({
-                "model": "support-intents", "messages": [{"role": "user", "content": t}]}),
-                headers={"content-type": "application/json"}).headers.get(
-                "x-distill-served-by") == "student"] or tests
+            served = served or tests
             bodies = [orjson.dumps({"model": "support-intents", "messages": [
                 {"role": "user", "content": t}]}) for t in served]
             # Gateway and encoder in alternating slices (the gateway idles meanwhile): the
@@ -196,7 +198,8 @@ def main() -> None:
             raw_load(port, bodies, 2, 32)  # warm-up
             for _ in range(rounds):
                 encoder_tps.append(encoder_throughput(served, args.duration / rounds))
-                gateway_rps.append(raw_load(port, bodies, args.duration / rounds, 32)[0])
+                load = raw_load(port, bodies, args.duration / rounds, 32)
+                gateway_rps.append(load.ok / load.seconds)
             rps, encoder = statistics.mean(gateway_rps), statistics.mean(encoder_tps)
             memory = rss_mb(server.pid)
         finally:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,8 +27,8 @@ PRICE_MAP_FILE = "model_prices_and_context_window_backup.json"
 
 @functools.cache
 def litellm() -> Any:  # the module; Any because its attributes are set as well as read
-    """The litellm module, imported on first use and configured for a server."""
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch prices
+    """The litellm module, imported on first use and configured for a server (gateway's
+    ``__init__`` has already told it never to fetch its price map)."""
     import litellm as module
 
     module.suppress_debug_info = True
