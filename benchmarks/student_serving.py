@@ -91,26 +91,48 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def encoder_throughput(texts: list[str], seconds: float = 10.0) -> float:
+def encoder_throughput(texts: list[str], seconds: float = 10.0, workers: int = 1,
+                       pass_size: int | None = None) -> float:
     """The student's own encoder (int8, as configured by default) on random batches of 32
-    of the same texts the gateway is loaded with, encoded the way the student encodes them (its
-    layers and pass size, all cores): the ceiling the gateway's micro-batching is measured
-    against."""
+    of the same texts the gateway is loaded with, encoded the way the student encodes them
+    (its layers and pass size), in this process: the ceiling the gateway's micro-batching
+    is measured against. ``workers`` = 1: one caller on all cores (torch's intra-op
+    threads); more: that many callers at once, one intra-op thread each."""
+    import threading
+
+    import torch
+
     from plugins.trainers.embedding_classifier import EmbeddingClassifierOptions, get_encoder
 
-    options = EmbeddingClassifierOptions()
+    options = EmbeddingClassifierOptions(
+        **({"predict_batch_size": pass_size} if pass_size else {}))
     encoder = get_encoder(options.encoder, options.quantize)
     # Random batches, as concurrent requests make them: the test file is grouped by label,
     # and consecutive texts (alike in length, little padding) would flatter the encoder.
     rng = random.Random(0)
     batches = [rng.sample(texts, min(32, len(texts))) for _ in range(200)]
-    encoder.encode(batches[0], options.layers, options.max_tokens, options.predict_batch_size)
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        batch = batches[(done // 32) % len(batches)]
-        encoder.encode(batch, options.layers, options.max_tokens, options.predict_batch_size)
-        done += len(batch)
-    return done / (time.perf_counter() - started)
+    threads = torch.get_num_threads() if workers == 1 else 1
+    counts = [0] * workers
+
+    def caller(slot: int, until: float) -> None:
+        torch.set_num_threads(threads)  # per thread (OpenMP)
+        done = 0
+        while time.perf_counter() < until:
+            batch = batches[(slot + done // 32 * workers) % len(batches)]
+            encoder.encode(batch, options.layers, options.max_tokens,
+                           options.predict_batch_size)
+            done += len(batch)
+        counts[slot] = done
+
+    caller(0, time.perf_counter() + 0.5)  # warm-up
+    started = time.perf_counter()
+    callers = [threading.Thread(target=caller, args=(slot, started + seconds))
+               for slot in range(workers)]
+    for thread in callers:
+        thread.start()
+    for thread in callers:
+        thread.join()
+    return sum(counts) / (time.perf_counter() - started)
 
 
 def main() -> None:

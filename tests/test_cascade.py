@@ -276,7 +276,7 @@ def test_inference_thread_runs_small_batches_on_one_core_and_large_on_all() -> N
     import torch
 
     from gateway.interfaces import Prediction
-    from gateway.students import SMALL_BATCH, sized_threads
+    from gateway.students import SMALL_BATCH, all_threads, sized_threads
 
     seen: list[int] = []
 
@@ -285,8 +285,7 @@ def test_inference_thread_runs_small_batches_on_one_core_and_large_on_all() -> N
         return [Prediction(target="x", confidence=1.0) for _ in texts]
 
     main_threads = torch.get_num_threads()
-    with ThreadPoolExecutor(1) as fresh:
-        full = fresh.submit(torch.get_num_threads).result()  # a new thread's default
+    full = all_threads()
     with ThreadPoolExecutor(1) as worker:
         run = sized_threads(predict)
         for size in (1, SMALL_BATCH, 1, SMALL_BATCH - 1, 3 * SMALL_BATCH, 1):

@@ -164,10 +164,13 @@ class Encoder:
         emb = np.empty((len(texts), self.hidden_size), dtype=np.float32)
         feats = np.empty((len(texts), self.hidden_size * len(indices)), dtype=np.float32)
         scale = 1.0 / math.sqrt(len(indices))
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
-                enc = self._tokenize([texts[i] for i in chunk], max_tokens)
+                with self._lock:  # the fast tokenizer's padding state is shared
+                    enc = self._tokenize([texts[i] for i in chunk], max_tokens)
+                    if self._direct is None:
+                        self._direct = self._direct_path_matches()
                 states = self._hidden_states(enc)
                 mask = enc["attention_mask"].unsqueeze(-1).to(states[-1].dtype)
                 denom = mask.sum(1).clamp(min=1.0)
@@ -183,9 +186,8 @@ class Encoder:
 
 
     def _hidden_states(self, enc: dict[str, torch.Tensor]) -> Sequence[torch.Tensor]:
-        """The embedding output and every layer's output (called with the lock held)."""
-        if self._direct is None:
-            self._direct = self._direct_path_matches()
+        """The embedding output and every layer's output. The model's weights are only
+        read, so passes on several threads at once are safe."""
         if self._direct:
             return self._bert_states(enc)
         out = self.model(**enc, output_hidden_states=True)
