@@ -420,3 +420,24 @@ def test_the_default_chain_through_the_core() -> None:
         "pii": {"kept": 2, "changed": 1, "dropped": 0},
         "length": {"kept": 2, "changed": 0, "dropped": 1},
     }
+
+
+def test_dedup_embeddings_from_concurrent_workers_match_sentence_transformers() -> None:
+    """Batches encoded on two threads at once (tokenizer under a lock, forward passes
+    free) give sentence-transformers' own embeddings, in the inputs' order, and leave the
+    caller's torch thread count as it was."""
+    import torch
+
+    from plugins.filters.dedup import _encoder
+
+    rows = list(csv.DictReader((DATA / "banking77" / "train.csv").open()))[:300]
+    texts = [row["text"] for row in rows]
+    encoder = _encoder(None, "float32")
+    before = torch.get_num_threads()
+    expected = encoder.model.encode(texts, batch_size=32, convert_to_numpy=True)
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    for workers in (1, 2):
+        got = encoder._encode(texts, 32, 1, workers)
+        assert got.shape == expected.shape
+        assert float(np.abs(got - expected).max()) < 1e-5
+    assert torch.get_num_threads() == before
