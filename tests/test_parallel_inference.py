@@ -208,3 +208,39 @@ def test_minilm_encoder_gives_the_same_features_from_two_threads_at_once() -> No
         together = list(pool.map(encode, batches))
     for (emb_a, feats_a), (emb_b, feats_b) in zip(alone, together, strict=True):
         assert np.array_equal(emb_a, emb_b) and np.array_equal(feats_a, feats_b)
+
+
+@pytest.mark.skipif(not (DATA / "test_llm_labels.jsonl").is_file(), reason="no Banking77")
+def test_a_large_encode_runs_its_passes_on_concurrent_threads_with_the_same_result() -> None:
+    """A caller allowed two intra-op threads (training, evaluation) gets its passes on two
+    threads of one each; the features are those of the same passes run one by one."""
+    import torch
+
+    from plugins.trainers.embedding_classifier import EmbeddingClassifierOptions
+    from plugins.trainers.minilm_encoder import get_encoder
+
+    options = EmbeddingClassifierOptions()
+    encoder = get_encoder(options.encoder, options.quantize)
+    rows = (DATA / "test_llm_labels.jsonl").read_text().splitlines()[:100]
+    texts = [json.loads(row)["text"] for row in rows]
+    threads_seen: set[str] = set()
+    original = encoder._encode_chunk
+
+    def spy(*args: Any) -> Any:
+        threads_seen.add(threading.current_thread().name)
+        return original(*args)
+
+    def encode(threads: int) -> tuple[np.ndarray, np.ndarray]:
+        torch.set_num_threads(threads)
+        return encoder.encode(texts, options.layers, options.max_tokens, 8)
+
+    with ThreadPoolExecutor(1) as caller:
+        one = caller.submit(encode, 1).result()
+        encoder._encode_chunk = spy  # type: ignore[method-assign]
+        try:
+            two = caller.submit(encode, 2).result()
+        finally:
+            del encoder._encode_chunk
+        assert caller.submit(torch.get_num_threads).result() == 2  # the caller's own
+    assert len(threads_seen) == 2 and all(n.startswith("distill-encode") for n in threads_seen)
+    assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1])
