@@ -100,11 +100,6 @@ class Prediction:
 class Student(ABC):
     """A trained artifact that predicts a target with a confidence for a batch of inputs."""
 
-    #: Whether ``predict`` may run on several threads at once. The gateway then runs one
-    #: batch per core concurrently, each on one intra-op thread, instead of one batch at a
-    #: time on all cores.
-    thread_safe: ClassVar[bool] = False
-
     @abstractmethod
     def predict(self, inputs: list[str]) -> list[Prediction]: ...
 

@@ -1,10 +1,8 @@
 """Serving students: micro-batched inference off the event loop, and hot swaps.
 
-Inference runs off the event loop: on one dedicated thread, or, for a student whose
-``predict`` is thread-safe, on one thread per core with a batch each. The first request
-of an idle period is predicted at once (no batching delay); requests that arrive while
-the workers are busy wait and go together in the next batch, so the batch size follows
-the load by itself.
+Inference runs on one dedicated thread. The first request of an idle period is predicted
+at once (no batching delay); requests that arrive while a batch is running wait and go
+together in the next batch, so the batch size follows the load by itself.
 
 A replica polls the registry for the active version of each task; when it changes, the
 new student is loaded beside the old one and the reference swapped. Requests already
@@ -38,51 +36,29 @@ GATHER_QUIET_S = 0.010
 
 
 class MicroBatcher:
-    """Batches concurrent requests for a student's ``predict``, run on ``workers`` threads.
-
-    With one worker, a request that arrives while a batch runs waits for the next batch.
-    With several (a student whose ``predict`` is thread-safe), as many batches run at once,
-    each on one intra-op thread: pending requests are split evenly over the idle workers,
-    and the HTTP work of one batch's clients overlaps the encoding of the others'.
-    """
-
     def __init__(
         self,
         predict: Callable[[list[str]], list[Prediction]],
         executor: ThreadPoolExecutor,
         max_batch: int = 64,
         gather_ms: float = 20.0,
-        workers: int = 1,
     ) -> None:
         self._predict = predict
         self._executor = executor
         self._max_batch = max_batch
         self._gather_s = gather_ms / 1000
-        self._workers = max(1, workers)
         self._pending: list[tuple[str, asyncio.Future[Prediction]]] = []
-        self._loops = 0  # drain loops running
-        self._busy = 0  # of those, the ones waiting on a batch
-        self._in_flight = 0  # requests in those batches
-        self._drainers: set[asyncio.Task[None]] = set()  # held so they are not collected
+        self._running = False
+        self._drainer: asyncio.Task[None] | None = None  # held so it is not collected
 
     async def predict(self, text: str) -> Prediction:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Prediction] = loop.create_future()
         self._pending.append((text, future))
-        self._spawn(loop)
+        if not self._running:
+            self._running = True
+            self._drainer = loop.create_task(self._drain(loop))
         return await future
-
-    def _spawn(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._loops < self._workers:
-            self._loops += 1
-            drainer = loop.create_task(self._drain(loop))
-            self._drainers.add(drainer)
-            drainer.add_done_callback(self._drainers.discard)
-
-    def _fair_share(self) -> int:
-        """A worker's share of the requests in the batcher (pending or being predicted):
-        batches of equal size keep every worker busy while the others' clients are away."""
-        return -(-(len(self._pending) + self._in_flight) // self._workers)
 
     async def _gather(self, loop: asyncio.AbstractEventLoop, expected: int) -> None:
         """After a batch of several requests, wait for as many new ones as it held while
@@ -108,22 +84,9 @@ class MicroBatcher:
     async def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
             while self._pending:
-                idle = self._loops - self._busy  # this loop included
-                size = min(self._max_batch, -(-len(self._pending) // idle), self._fair_share())
-                if idle > 1 and len(self._pending) > size:
-                    # The idle workers split what is pending: shorter texts to this one,
-                    # longer to the next, so little of each batch is padding. Only the
-                    # requests that go now are reordered: none is passed over for long.
-                    window = min(len(self._pending), size * idle)
-                    self._pending[:window] = sorted(self._pending[:window],
-                                                    key=lambda item: len(item[0]))
-                batch = self._pending[:size]
-                del self._pending[:size]
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
                 texts = [text for text, _ in batch]
-                if self._pending:
-                    self._spawn(loop)  # a worker for the rest, if one is free
-                self._busy += 1
-                self._in_flight += len(batch)
                 try:
                     predictions = await loop.run_in_executor(self._executor, self._predict, texts)
                     if len(predictions) != len(batch):
@@ -133,16 +96,13 @@ class MicroBatcher:
                         if not future.done():
                             future.set_exception(exc)
                     continue
-                finally:
-                    self._busy -= 1
-                    self._in_flight -= len(batch)
                 for (_, future), prediction in zip(batch, predictions, strict=True):
                     if not future.done():
                         future.set_result(prediction)
                 if len(batch) > 1 and self._gather_s > 0:
                     await self._gather(loop, len(batch))
         finally:
-            self._loops -= 1
+            self._running = False
 
 
 @dataclass
@@ -208,7 +168,8 @@ _ALL_THREADS: int | None = None  # see all_threads
 def all_threads() -> int:
     """The cores inference may use: ``OMP_NUM_THREADS`` when set, else the CPUs this
     process may run on. Read from the environment, not from torch, whose per-thread value
-    depends on which thread asks and on the last ``set_num_threads`` anywhere."""
+    depends on which thread asks and on the last ``set_num_threads`` anywhere (the
+    encoder's pass threads set 1 for themselves)."""
     global _ALL_THREADS
     if _ALL_THREADS is None:
         try:
@@ -220,7 +181,7 @@ def all_threads() -> int:
     return _ALL_THREADS
 
 
-def sized_threads(predict: Callable[[list[str]], list[Prediction]], parallel: bool = False
+def sized_threads(predict: Callable[[list[str]], list[Prediction]]
                   ) -> Callable[[list[str]], list[Prediction]]:
     """Wrap a torch student's ``predict`` (called on the inference thread) so that a small
     batch runs on one intra-op thread and a large one on all of them.
@@ -228,14 +189,14 @@ def sized_threads(predict: Callable[[list[str]], list[Prediction]], parallel: bo
     One sentence through int8 MiniLM on 2 cores took 12.2 ms with torch's 2 (passive)
     OpenMP threads against 5.5 ms with one: waking the second thread for each of the
     encoder's ~100 small operations costs more than it saves, and the second core is the
-    event loop's. From 16 texts a pass, 2 threads encode ~30% more texts per second.
-    The setting is per thread for OpenMP, so only the inference thread is affected.
-    ``parallel``: one of several inference threads, always one intra-op thread.
+    event loop's. A larger batch gets every core (the MiniLM encoder then runs its passes
+    on concurrent threads of one each). The setting is per thread for OpenMP, so only the
+    inference thread is affected.
     """
     def run(texts: list[str]) -> list[Prediction]:
         torch = sys.modules.get("torch")  # a student that does not use torch is left alone
         if torch is not None:
-            want = 1 if parallel or len(texts) < SMALL_BATCH else all_threads()
+            want = 1 if len(texts) < SMALL_BATCH else all_threads()
             if torch.get_num_threads() != want:  # set_num_threads also drops oneDNN caches
                 torch.set_num_threads(want)
         return predict(texts)
@@ -262,11 +223,7 @@ class StudentPool:
         self.plugins = plugins
         self.tasks = tasks  # name -> TaskRuntime
         self.current: dict[str, LoadedStudent] = {}
-        # One thread for students whose predict is not thread-safe (one batch at a time),
-        # one per core for those whose is; threads start on demand.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill-student")
-        self.parallel_executor = ThreadPoolExecutor(
-            max_workers=len(os.sched_getaffinity(0)), thread_name_prefix="distill-student-p")
         limit_blas_threads()
         # Idle OpenMP workers sleep instead of spinning for the event loop's core (read when
         # torch first runs a parallel region, so before any student loads): measured p50
@@ -291,21 +248,9 @@ class StudentPool:
             version=version.version,
             threshold=version.threshold,
             student=student,
-            batcher=self._batcher(student),
+            batcher=MicroBatcher(sized_threads(student.predict), self.executor),
             held_out=read_held_out(directory),
         )
-
-    def _batcher(self, student: Student) -> MicroBatcher:
-        """Concurrent batches, one per core and each on one intra-op thread, for a
-        thread-safe student: measured for int8 MiniLM on 2 cores, two callers of one
-        thread encode 1.7-1.9x the texts of one, where one caller on two intra-op threads
-        gets 1.2-1.4x (each of its ~100 small operations a pass waits for both threads)."""
-        if getattr(student, "thread_safe", False):
-            workers = all_threads()
-            if workers > 1:
-                return MicroBatcher(sized_threads(student.predict, parallel=True),
-                                    self.parallel_executor, workers=workers)
-        return MicroBatcher(sized_threads(student.predict), self.executor)
 
     async def refresh(self) -> None:
         """Match this replica to the registry: load new active versions, drop retired."""
@@ -351,5 +296,4 @@ class StudentPool:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
-        self.parallel_executor.shutdown(wait=False, cancel_futures=True)
         self._loader.shutdown(wait=False, cancel_futures=True)

@@ -507,7 +507,6 @@ def fit_head(emb: np.ndarray, feats: np.ndarray, y: np.ndarray, labels: list[str
 
 
 class EmbeddingClassifierStudent(Student):
-    thread_safe = True  # the encoder's weights and the head are only read
     def __init__(self, encoder: Encoder, head: Head, options: EmbeddingClassifierOptions,
                  meta: dict[str, Any] | None = None,
                  targets: list[Any] | None = None) -> None:
