@@ -178,7 +178,8 @@ class Encoder:
 
         # A caller allowed several intra-op threads gets them as concurrent passes of one
         # thread each instead: on 2 cores two such passes encode ~1.8x the texts of one
-        # thread, one pass on two OpenMP threads ~1.3x. (Serving threads run with one.)
+        # thread, one pass on two OpenMP threads ~1.3x. (A lone request is encoded with
+        # one thread, on the caller's: see gateway.students.sized_threads.)
         workers = min(int(torch.get_num_threads()), len(chunks), len(os.sched_getaffinity(0)))
         if workers <= 1:
             encode_chunks(chunks)
