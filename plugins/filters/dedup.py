@@ -29,7 +29,6 @@ elsewhere: AVX512-BF16 alone made it 30% slower; cosines within 0.005).
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import unicodedata
@@ -44,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.hookspecs import hookimpl
 from gateway.interfaces import Example, Filter, Task
+from gateway.students import all_threads
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -215,8 +215,8 @@ def embed(
     workers: int | None = 1,
 ) -> np.ndarray:
     """L2-normalised float32 embeddings, one row per text, from a per-process encoder.
-    ``workers``: batches encoded at once (None: one per CPU this process may use)."""
-    count = workers if workers is not None else len(os.sched_getaffinity(0))
+    ``workers``: batches encoded at once (None: one per core inference may use)."""
+    count = workers if workers is not None else all_threads()
     return _encoder(model, precision).embed(texts, batch_size, cache_size, threads, count)
 
 
@@ -304,9 +304,9 @@ class DedupOptions(BaseModel):
         default=None,
         gt=0,
         description="batches encoded at once, each on `threads` torch threads; null: one "
-        "per CPU this process may use. Concurrent single-thread batches scale where one "
-        "batch on several OpenMP threads does not (measured on 2 cores: ~1.8x against "
-        "~1.3x)",
+        "per core inference may use (OMP_NUM_THREADS, else the CPUs of the process). "
+        "Concurrent single-thread batches scale where one batch on several OpenMP threads "
+        "does not (measured on 2 cores: ~1.8x against ~1.3x)",
     )
     precision: Precision = Field(
         default="auto",
