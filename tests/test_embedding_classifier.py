@@ -175,11 +175,36 @@ def test_int8_encoder_by_default_and_old_artifacts_stay_float32(
     assert same > 0.9, same
 
 
+def test_encoder_runs_the_direct_path_from_python_when_tracing_fails(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """TorchScript is optional: if tracing fails (an unusual model, a torch without the
+    tracer), the direct path still serves, called from Python, with the same features."""
+    from plugins.trainers import minilm_encoder
+    from plugins.trainers.minilm_encoder import BUNDLED_ENCODER, Encoder
+
+    texts = ["where is my card?", "I was charged twice for the same coffee, please refund me"]
+    traced = Encoder.from_sentence_transformer(BUNDLED_ENCODER)
+    expected, _ = traced.encode(texts, [-1], 256, 16)
+
+    def no_tracer(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("tracing is not available")
+
+    monkeypatch.setattr(minilm_encoder, "_trace", no_tracer)
+    encoder = Encoder.from_sentence_transformer(BUNDLED_ENCODER)
+    with caplog.at_level("WARNING", logger="distill_gateway.embedding_classifier"):
+        emb, _ = encoder.encode(texts, [-1], 256, 16)
+    assert encoder._direct is True and encoder._graph is not None
+    assert not hasattr(encoder._graph, "graph")  # the Python module, not a trace
+    assert "could not trace" in caplog.text
+    assert float(np.abs(emb - expected).max()) < 1e-5
+
+
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_direct_bert_path_matches_transformers(quantize: str) -> None:
-    """The encoder calls MiniLM's layers itself (1.6 ms less per sentence); its hidden
-    states are transformers' own: exactly for one text, and on the real tokens of a padded
-    batch in float32 (int8 scales activations per pass, see the path's docstring)."""
+    """The encoder calls MiniLM's layers itself (no transformers machinery per call); its
+    hidden states are transformers' own: exactly for one text, and on the real tokens of a
+    padded batch in float32 (int8 scales activations per pass, see the path's docstring).
+    The path serves as a traced TorchScript graph that gives the same states."""
     import torch
 
     from plugins.trainers.minilm_encoder import BUNDLED_ENCODER, Encoder
@@ -207,6 +232,13 @@ def test_direct_bert_path_matches_transformers(quantize: str) -> None:
         assert float(got[-1][~real].abs().max()) == 0.0  # padding is zeroed
     emb, _ = encoder.encode(texts, [-1], 256, 16)
     assert encoder._direct is True  # the check at first use passed: this path serves
+    assert isinstance(encoder._graph, torch.jit.ScriptModule)  # ... traced
+    with torch.inference_mode():
+        for batch in (texts[:1], texts, [*texts, "a third, much longer text " * 5]):
+            enc = encoder._tokenize(batch, 256)  # shapes other than the traced example's
+            traced = encoder._hidden_states(enc)
+            for a, b in zip(traced, encoder._bert_states(enc), strict=True):
+                assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
     alone, _ = encoder.encode(texts[:1], [-1], 256, 16)
     if quantize == "none":
         assert float(np.abs(emb[0] - alone[0]).max()) < 1e-5
