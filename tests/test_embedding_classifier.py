@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import random
 import time
@@ -173,6 +174,36 @@ def test_int8_encoder_by_default_and_old_artifacts_stay_float32(
     same = np.mean([a.target == b.target for a, b in
                     zip(int8.predict(texts), fp32.predict(texts), strict=True)])
     assert same > 0.9, same
+
+
+def test_knn_index_finds_the_exact_neighbours() -> None:
+    """The int8 index re-scores its candidates in float32: on a memory of clusters where
+    int8 similarities alone pick a different top 10 for most queries, the votes equal the
+    exact search's; a large enough memory gets the index in the served head."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((40, 384))
+    bank = np.repeat(centres, 100, axis=0) + 0.2 * rng.standard_normal((4000, 384))
+    bank = (bank / np.linalg.norm(bank, axis=1, keepdims=True)).astype(np.float32)
+    labels = rng.integers(0, 12, len(bank))
+    queries = centres[rng.integers(0, 40, 300)] + 0.2 * rng.standard_normal((300, 384))
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    index = ec.KnnIndex(bank)
+    int8 = index.int8(torch.from_numpy(queries)).numpy()
+    rough = np.sort(np.argsort(-int8, axis=1)[:, :10], axis=1)
+    true = np.sort(np.argsort(-(queries @ bank.T), axis=1)[:, :10], axis=1)
+    assert (rough != true).any(axis=1).mean() > 0.5  # int8 alone picks other neighbours
+    exact = ec.knn_probs(bank, labels, queries, 12, 10, 0.05)
+    indexed = ec.knn_probs(bank, labels, queries, 12, 10, 0.05, index=index)
+    assert np.allclose(indexed, exact, atol=1e-9)
+    head = ec.Head(labels=[str(i) for i in range(12)], lr_weight=np.zeros((12, 384)),
+                   lr_bias=np.zeros(12), bank=bank, bank_labels=labels,
+                   label_counts=np.bincount(labels, minlength=12).astype(float),
+                   calibrator=ec.Calibrator("none", [], [], [], [], 0.0))
+    assert head.index is not None
+    small = dataclasses.replace(head, bank=bank[:100], bank_labels=labels[:100])
+    assert small.index is None  # reading a small float32 memory is cheap
 
 
 def test_encoder_runs_the_direct_path_from_python_when_tracing_fails(

@@ -46,7 +46,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -279,8 +279,10 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 
 def knn_probs(bank: np.ndarray, bank_y: np.ndarray, queries: np.ndarray, n_classes: int,
-              k: int, temperature: float, chunk: int = 1024) -> np.ndarray:
-    """Distance-weighted vote of the k most cosine-similar memory rows (rows normalised)."""
+              k: int, temperature: float, chunk: int = 1024,
+              index: KnnIndex | None = None) -> np.ndarray:
+    """Distance-weighted vote of the k most cosine-similar memory rows (rows normalised).
+    ``index``: the same memory's int8 index, to find them with less to read per query."""
     out = np.zeros((len(queries), n_classes), dtype=np.float64)
     if len(bank) == 0:
         out += 1.0 / max(n_classes, 1)
@@ -292,17 +294,65 @@ def knn_probs(bank: np.ndarray, bank_y: np.ndarray, queries: np.ndarray, n_class
     # one core, where numpy's BLAS and argpartition took 2.4 + 0.5 ms.
     memory = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32))
     for start in range(0, len(queries), chunk):
-        block = np.ascontiguousarray(queries[start:start + chunk], dtype=np.float32)
-        sims = torch.from_numpy(block) @ memory.T
-        values, indices = torch.topk(sims, k, dim=1)
+        block = torch.from_numpy(np.ascontiguousarray(queries[start:start + chunk],
+                                                      dtype=np.float32))
+        if index is not None:
+            values, indices = index.nearest(block, k)
+        else:
+            values, indices = torch.topk(block @ memory.T, k, dim=1)
         top = indices.numpy()
         top_sims = values.numpy().astype(np.float64)
         # Subtracting the row maximum keeps exp() finite; the vote is scale-free.
         weights = np.exp((top_sims - top_sims.max(axis=1, keepdims=True)) / temperature)
-        rows = np.repeat(np.arange(len(sims)), k)
+        rows = np.repeat(np.arange(len(block)), k)
         np.add.at(out[start:start + chunk], (rows, bank_y[top].ravel()), weights.ravel())
     out /= out.sum(axis=1, keepdims=True)
     return out
+
+
+class KnnIndex:
+    """The k most similar memory rows with their exact (float32) similarities, found through
+    an int8 copy of the memory: candidates by int8 similarity (a quarter of the bytes to
+    read per query, fbgemm's kernels), then re-scored in float32. The k neighbours are the
+    exact ones unless one of them ranks below ``shortlist`` by int8 similarity, whose error
+    is ~0.005 on unit vectors.
+
+    Measured for Banking77's 10,003 rows of 384 (one thread): the same votes as the exact
+    search for all 3,080 test texts; 32 queries 1.7 against 2.4 ms; in the gateway
+    (alternating slices, 2 cores) a single request p50 9.95 against 10.65 ms and 421
+    against 390 req/s under 32 connections (less memory read per batch, and less of the
+    encoder's weights evicted from the caches).
+    """
+
+    MIN_ROWS = 2048  # below this, reading the float32 memory is cheap enough
+
+    def __init__(self, bank: np.ndarray, shortlist: int = 24) -> None:
+        import warnings
+
+        import torch
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        self.memory = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32))
+        self.shortlist = shortlist
+        linear = torch.nn.Linear(self.memory.shape[1], self.memory.shape[0], bias=False)
+        linear.weight = torch.nn.Parameter(self.memory, requires_grad=False)
+        with warnings.catch_warnings():  # torch.ao is deprecated for torchao; same kernels
+            warnings.simplefilter("ignore")
+            self.int8 = quantize_dynamic(torch.nn.Sequential(linear),
+                                         {torch.nn.Linear: per_channel_dynamic_qconfig},
+                                         dtype=torch.qint8)[0]
+
+    def nearest(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(similarities, row indices) of the k nearest rows per query, best first."""
+        import torch
+
+        with torch.inference_mode():
+            rough = self.int8(queries)
+            candidates = torch.topk(rough, min(max(self.shortlist, k), rough.shape[1]),
+                                    dim=1).indices
+            exact = torch.bmm(self.memory[candidates], queries.unsqueeze(-1)).squeeze(-1)
+            values, order = torch.topk(exact, k, dim=1)
+            return values, torch.gather(candidates, 1, order)
 
 
 CALIBRATION_FEATURES = ["ensemble_logit", "logistic_logit", "knn_logit", "heads_agree",
@@ -441,13 +491,18 @@ class Head:
     bank_labels: np.ndarray
     label_counts: np.ndarray
     calibrator: Calibrator
+    index: KnnIndex | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.bank) >= KnnIndex.MIN_ROWS:
+            self.index = KnnIndex(self.bank)
 
     def raw(self, emb: np.ndarray, feats: np.ndarray, options: EmbeddingClassifierOptions
             ) -> HeadOutput:
         n = len(self.labels)
         p_lr = softmax(feats @ self.lr_weight.T + self.lr_bias)
         p_knn = knn_probs(self.bank, self.bank_labels, emb, n, options.knn_k,
-                          options.knn_temperature)
+                          options.knn_temperature, index=self.index)
         return combine(p_lr, p_knn, options.head, options.knn_weight, self.label_counts)
 
 
