@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from gateway import __version__
 from gateway.api import chat, health, models
+from gateway.api.fast_chat import GatewayApp
 from gateway.cascade import Cascade
 from gateway.config import Settings, load_settings
 from gateway.errors import install_error_handlers
@@ -87,7 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await runtime.aclose()
             await asyncio.to_thread(store.stop)
 
-    app = FastAPI(
+    app = GatewayApp(
         title="distill-gateway",
         version=__version__,
         summary="OpenAI-compatible gateway that distils the teacher into a student",
