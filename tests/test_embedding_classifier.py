@@ -179,7 +179,7 @@ def test_int8_encoder_by_default_and_old_artifacts_stay_float32(
 def test_knn_index_finds_the_exact_neighbours() -> None:
     """The int8 index re-scores its candidates in float32: on a memory of clusters where
     int8 similarities alone pick a different top 10 for most queries, the votes equal the
-    exact search's; a large enough memory gets the index in the served head."""
+    exact search's; a large enough memory gets the index in the head, on first use."""
     import torch
 
     rng = np.random.default_rng(0)
@@ -201,6 +201,7 @@ def test_knn_index_finds_the_exact_neighbours() -> None:
                    lr_bias=np.zeros(12), bank=bank, bank_labels=labels,
                    label_counts=np.bincount(labels, minlength=12).astype(float),
                    calibrator=ec.Calibrator("none", [], [], [], [], 0.0))
+    assert head._index is None  # built on first use: a trainer that only saves never pays
     assert head.index is not None
     small = dataclasses.replace(head, bank=bank[:100], bank_labels=labels[:100])
     assert small.index is None  # reading a small float32 memory is cheap

@@ -292,11 +292,13 @@ def knn_probs(bank: np.ndarray, bank_y: np.ndarray, queries: np.ndarray, n_class
     k = min(k, len(bank))
     # torch's matrix product and top-k: 1.4 + 0.3 ms for 32 queries against 6,754 rows on
     # one core, where numpy's BLAS and argpartition took 2.4 + 0.5 ms.
-    memory = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32))
+    memory = None if index is not None else torch.from_numpy(
+        np.ascontiguousarray(bank, dtype=np.float32))
     for start in range(0, len(queries), chunk):
         block = torch.from_numpy(np.ascontiguousarray(queries[start:start + chunk],
                                                       dtype=np.float32))
-        if index is not None:
+        if memory is None:
+            assert index is not None
             values, indices = index.nearest(block, k)
         else:
             values, indices = torch.topk(block @ memory.T, k, dim=1)
@@ -319,9 +321,10 @@ class KnnIndex:
 
     Measured for Banking77's 10,003 rows of 384: the same votes as the exact search for
     all 3,080 test texts; in the gateway (2 cores, two servers in alternating slices) a
-    single request p50 10.0 / 10.7 against 10.7 / 11.5 ms in two runs, 421 / 371 against
-    390 / 359 req/s under 32 connections (a quarter of the memory read per query, and less
-    of the encoder's weights evicted from the caches by it).
+    single request p50 10.0 / 10.7 against 10.7 / 11.5 ms, 421 / 371 against 390 / 359
+    req/s under 32 connections (the first run with a shortlist of 24 through
+    quantize_dynamic, the second as here): a quarter of the memory read per query, and
+    less of the encoder's weights evicted from the caches by it.
     """
 
     MIN_ROWS = 2048  # below this, reading the float32 memory is cheap enough
@@ -500,11 +503,16 @@ class Head:
     bank_labels: np.ndarray
     label_counts: np.ndarray
     calibrator: Calibrator
-    index: KnnIndex | None = field(default=None, init=False, repr=False)
+    _index: KnnIndex | None = field(default=None, init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        if len(self.bank) >= KnnIndex.MIN_ROWS:
-            self.index = KnnIndex(self.bank)
+    @property
+    def index(self) -> KnnIndex | None:
+        """The memory's int8 index, built on first use (~80 ms for 10k rows): a served
+        student builds it in the loader's warm-up, a trainer that only fits and saves the
+        head never does."""
+        if self._index is None and len(self.bank) >= KnnIndex.MIN_ROWS:
+            self._index = KnnIndex(self.bank)
+        return self._index
 
     def raw(self, emb: np.ndarray, feats: np.ndarray, options: EmbeddingClassifierOptions
             ) -> HeadOutput:

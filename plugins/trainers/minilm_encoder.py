@@ -232,11 +232,12 @@ class Encoder:
         model's own on two sentences. If so, the direct path is traced into a TorchScript
         graph, checked again, and serves.
 
-        The graph runs without Python between its operations: one sentence 3.9-5.0 ms
-        against 4.5-5.6 ms for the same layers called from Python (int8, one thread), and
-        two threads encoding passes of 8 at once 410-545 against 365-417 texts/s, or
-        405-485 against 240-340 texts/s while a third thread runs Python 30% of the time
-        (the event loop, which the Python path waits on for the GIL after each operation).
+        The graph runs without Python between its operations. Measured in rounds
+        alternating the two (int8, 2 cores): one sentence on one thread p50 3.8-5.3 ms
+        against 4.5-8.2 ms for the same layers called from Python; two threads encoding
+        passes of 8 at once 410-607 against 307-425 texts/s, and 354-484 against 239-341
+        while a third thread runs Python 30% of the time (as the event loop does; the
+        Python path waits for the GIL after each operation).
         """
         config = self.model.config
         if (config.model_type != "bert" or getattr(config, "is_decoder", False)
@@ -245,11 +246,12 @@ class Encoder:
             return False
 
         probes = ["A probe sentence.", "Another, longer probe sentence to compare."]
+        module = _bert_states_module(self.model)
         try:
             for text in probes:
                 enc = self._tokenize([text], self.max_tokens)
                 expected = self.model(**enc, output_hidden_states=True).hidden_states
-                if not _same_states(self._bert_states(enc), expected, 1e-4):
+                if not _same_states(module(*_graph_inputs(enc)), expected, 1e-4):
                     log.warning("encoder %s: direct BERT path differs; using transformers'",
                                 self.ref)
                     return False
@@ -257,7 +259,6 @@ class Encoder:
             log.warning("encoder %s: direct BERT path failed; using transformers'", self.ref,
                         exc_info=True)
             return False
-        module = _bert_states_module(self.model)
         try:
             graph = _trace(module, self._tokenize(probes, self.max_tokens))
             for texts in (probes[:1], probes, [*probes, "Short."]):
