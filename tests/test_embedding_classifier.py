@@ -196,7 +196,12 @@ def test_knn_index_finds_the_exact_neighbours() -> None:
     assert (rough != true).any(axis=1).mean() > 0.5  # int8 alone picks other neighbours
     exact = ec.knn_probs(bank, labels, queries, 12, 10, 0.05)
     indexed = ec.knn_probs(bank, labels, queries, 12, 10, 0.05, index=index)
-    assert np.allclose(indexed, exact, atol=1e-9)
+    # Where the 10th and 11th neighbours tie to float32 rounding (7e-8 apart was seen),
+    # the two searches' summation orders may pick either: those queries are not compared.
+    ranked = np.sort(queries.astype(np.float64) @ bank.T.astype(np.float64), axis=1)
+    tie = ranked[:, -10] - ranked[:, -11] < 1e-6
+    assert tie.sum() <= 3
+    assert np.allclose(indexed[~tie], exact[~tie], atol=1e-6)
     head = ec.Head(labels=[str(i) for i in range(12)], lr_weight=np.zeros((12, 384)),
                    lr_bias=np.zeros(12), bank=bank, bank_labels=labels,
                    label_counts=np.bincount(labels, minlength=12).astype(float),
@@ -229,6 +234,42 @@ def test_encoder_runs_the_direct_path_from_python_when_tracing_fails(
     assert not hasattr(encoder._graph, "graph")  # the Python module, not a trace
     assert "could not trace" in caplog.text
     assert float(np.abs(emb - expected).max()) < 1e-5
+
+
+def test_passes_even_out_the_work_and_encode_the_same() -> None:
+    """A batch is cut into passes of about equal padded work (long texts in small passes),
+    every text in exactly one; the features do not depend on how the batch was cut."""
+    import torch
+
+    from plugins.trainers.minilm_encoder import BUNDLED_ENCODER, balanced_passes, get_encoder
+
+    rng = random.Random(0)
+    lengths = sorted([rng.randint(10, 60) for _ in range(28)] + [180, 200, 220, 240])
+    order = list(range(len(lengths)))
+
+    def work(run: list[int]) -> int:
+        return len(run) * max(lengths[i] for i in run)
+
+    runs = balanced_passes(lengths, order, 4, 16)
+    assert sorted(i for run in runs for i in run) == order
+    assert len(runs) <= 4 and all(1 <= len(run) <= 16 for run in runs)
+    assert runs[0][0] == order[-1]  # the longest texts first: they start first
+    equal = [order[start:start + 8] for start in range(0, len(order), 8)]
+    assert max(map(work, runs)) < 0.6 * max(map(work, equal)), (runs, equal)
+    assert balanced_passes([], [], 4, 16) == []
+    assert balanced_passes([5, 5, 5], [2, 0, 1], 1, 2) == [[1, 0], [2]]  # `most` wins
+
+    texts = [("please " * (n // 7)).strip() or "hi" for n in lengths]
+    encoder = get_encoder(BUNDLED_ENCODER, "none")  # float32: int8 scales per pass
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # passes on this thread, one after another
+        one_by_one = np.vstack([encoder.encode([t], [4, 6], 256, 1)[1] for t in texts])
+        torch.set_num_threads(2)  # concurrent passes where the machine has the cores
+        batched = encoder.encode(texts, [4, 6], 256, 8)[1]
+    finally:
+        torch.set_num_threads(previous)
+    assert float(np.abs(batched - one_by_one).max()) < 1e-4
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
