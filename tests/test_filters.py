@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -423,21 +424,60 @@ def test_the_default_chain_through_the_core() -> None:
 
 
 def test_dedup_embeddings_from_concurrent_workers_match_sentence_transformers() -> None:
-    """Batches encoded on two threads at once (tokenizer under a lock, forward passes
-    free) give sentence-transformers' own embeddings, in the inputs' order, and leave the
-    caller's torch thread count as it was."""
+    """Batches encoded on two threads at once give sentence-transformers' own embeddings,
+    in the inputs' order, through either backend (the embedding classifier's encoder for
+    the bundled mean-pooled model, sentence-transformers for others), in bfloat16 too, and
+    leave the caller's torch thread count as it was."""
     import torch
+    from sentence_transformers import SentenceTransformer
 
-    from plugins.filters.dedup import _encoder
+    from plugins.filters.dedup import (
+        _load_direct,
+        _load_sentence_transformer,
+        default_model_path,
+        mean_pooled,
+    )
 
     rows = list(csv.DictReader((DATA / "banking77" / "train.csv").open()))[:300]
     texts = [row["text"] for row in rows]
-    encoder = _encoder(None, "float32")
-    before = torch.get_num_threads()
-    expected = encoder.model.encode(texts, batch_size=32, convert_to_numpy=True)
+    path = default_model_path()
+    assert mean_pooled(path)
+    expected = SentenceTransformer(path, device="cpu").encode(texts, batch_size=32,
+                                                              convert_to_numpy=True)
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
-    for workers in (1, 2):
-        got = encoder._encode(texts, 32, 1, workers)
-        assert got.shape == expected.shape
-        assert float(np.abs(got - expected).max()) < 1e-5
+    before = torch.get_num_threads()
+    for load in (_load_direct, _load_sentence_transformer):
+        encoder = load(path, "float32")
+        for workers in (1, 2):
+            got = encoder._encode(texts, 32, 1, workers)
+            assert got.shape == expected.shape
+            assert float(np.abs(got - expected).max()) < 1e-5, load
+    half = _load_direct(path, "bfloat16")._encode(texts, 32, 1, 2)
+    assert float(np.abs((half * expected).sum(axis=1) - 1).max()) < 1e-3
     assert torch.get_num_threads() == before
+
+
+def test_dedup_runs_other_poolings_through_sentence_transformers(tmp_path: Path) -> None:
+    """Only a transformer + mean pooling (+ normalisation) folder is computed directly;
+    CLS pooling, extra modules or an unreadable folder go through sentence-transformers."""
+    import shutil
+
+    from plugins.filters.dedup import default_model_path, mean_pooled
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_path(), model)
+    assert mean_pooled(str(model))
+    pooling = model / "1_Pooling" / "config.json"
+    config = json.loads(pooling.read_text())
+    pooling.write_text(json.dumps({**config, "pooling_mode_mean_tokens": False,
+                                   "pooling_mode_cls_token": True}))
+    assert not mean_pooled(str(model))
+    pooling.write_text(json.dumps(config))
+    modules = json.loads((model / "modules.json").read_text())
+    (model / "modules.json").write_text(json.dumps(
+        [*modules, {"idx": 3, "name": "3", "path": "3_Dense",
+                    "type": "sentence_transformers.models.Dense"}]))
+    assert not mean_pooled(str(model))
+    (model / "modules.json").write_text("not json")
+    assert not mean_pooled(str(model))
+    assert not mean_pooled(str(tmp_path / "missing"))
