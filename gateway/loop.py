@@ -246,11 +246,15 @@ class DistillationLoop:
 
     def close(self) -> None:
         """Stop a round in progress: killing it is safe by design (the registry stays
-        consistent), and waiting could hold a shutdown for minutes."""
+        consistent), and waiting could hold a shutdown for minutes. An idle worker is let
+        exit by itself: killed, it leaks the semaphores its libraries made (the resource
+        tracker warns about them at exit)."""
         if self._pool is not None:
             processes = list(getattr(self._pool, "_processes", {}).values())
             self._pool.shutdown(wait=False, cancel_futures=True)
             for process in processes:
+                if not self.running:
+                    process.join(timeout=5)
                 if process.is_alive():
                     process.terminate()
             self._pool = None

@@ -210,3 +210,37 @@ def test_retry_wait_after_a_round_short_of_examples() -> None:
     assert retry_wait(short(200, 10), 400, 100) == 50
     assert retry_wait({"version": None, "curation": None}, 200, 500) == 250
     assert retry_wait({"version": None, "reason": "no better"}, 200, 1) == 1
+
+
+def test_closing_lets_an_idle_worker_exit_and_kills_a_busy_one(
+    tmp_path: Path, teacher: TeacherServer
+) -> None:
+    """The training worker process is stopped at shutdown: an idle one exits by itself
+    (killed, it would leak its libraries' semaphores and the resource tracker would warn),
+    one in the middle of a round is terminated at once."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from gateway.loop import DistillationLoop
+    from gateway.registry import Registry
+    from gateway.store import database
+
+    settings = loop_settings(tmp_path, teacher)
+    engine = database.create_engine(settings.database)
+    exit_codes = []
+    for busy in (False, True):
+        loop = DistillationLoop(settings, engine, Registry(engine, tmp_path / "artifacts"),
+                                ["support-intents"])
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        pool.submit(time.sleep, 0).result()  # the worker is up
+        (worker,) = pool._processes.values()
+        if busy:
+            pool.submit(time.sleep, 60)
+            loop.running.add("support-intents")
+            time.sleep(0.5)
+        loop._pool = pool
+        started = time.monotonic()
+        loop.close()
+        worker.join(timeout=10)
+        assert time.monotonic() - started < 6
+        exit_codes.append(worker.exitcode)
+    assert exit_codes == [0, -signal.SIGTERM]
