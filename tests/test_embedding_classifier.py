@@ -241,7 +241,12 @@ def test_passes_even_out_the_work_and_encode_the_same() -> None:
     every text in exactly one; the features do not depend on how the batch was cut."""
     import torch
 
-    from plugins.trainers.minilm_encoder import BUNDLED_ENCODER, balanced_passes, get_encoder
+    from plugins.trainers.minilm_encoder import (
+        BUNDLED_ENCODER,
+        balanced_passes,
+        get_encoder,
+        pass_count,
+    )
 
     rng = random.Random(0)
     lengths = sorted([rng.randint(10, 60) for _ in range(28)] + [180, 200, 220, 240])
@@ -257,6 +262,10 @@ def test_passes_even_out_the_work_and_encode_the_same() -> None:
     equal = [order[start:start + 8] for start in range(0, len(order), 8)]
     assert max(map(work, runs)) < 0.6 * max(map(work, equal)), (runs, equal)
     assert balanced_passes([], [], 4, 16) == []
+    # A whole number of passes per thread when threads share them.
+    assert [pass_count(n, 8, 2) for n in (1, 8, 9, 20, 32, 33)] == [1, 1, 2, 4, 4, 6]
+    assert [pass_count(n, 8, 1) for n in (20, 33)] == [3, 5]
+    assert pass_count(3, 1, 2) == 3  # never more passes than texts
     assert balanced_passes([5, 5, 5], [2, 0, 1], 1, 2) == [[1, 0], [2]]  # `most` wins
 
     texts = [("please " * (n // 7)).strip() or "hi" for n in lengths]
