@@ -7,6 +7,7 @@ the methods below, so a third-party plugin needs nothing but these base classes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -97,11 +98,23 @@ class Prediction:
     confidence: float
 
 
+#: ``Student.predict_parts``'s callback: (positions in the batch, their predictions).
+Deliver = Callable[[list[int], list[Prediction]], None]
+
+
 class Student(ABC):
     """A trained artifact that predicts a target with a confidence for a batch of inputs."""
 
     @abstractmethod
     def predict(self, inputs: list[str]) -> list[Prediction]: ...
+
+    def predict_parts(self, inputs: list[str], deliver: Deliver) -> None:
+        """Predict ``inputs``, handing parts of the batch to ``deliver(positions,
+        predictions)`` as soon as each is ready, possibly from other threads; every
+        position is delivered once before this returns. The gateway answers a part's
+        requests at once, while the rest of the batch is still computed. The default
+        delivers the whole batch from ``predict``."""
+        deliver(list(range(len(inputs))), self.predict(inputs))
 
 
 class Trainer(ABC):

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from gateway.interfaces import Prediction, Student
+from gateway.interfaces import Deliver, Prediction, Student
 from gateway.plugins import Plugins
 from gateway.registry import Registry, StudentVersion
 
@@ -31,19 +31,27 @@ log = logging.getLogger("distill_gateway.students")
 CALIBRATION_FILE = "calibration.json"  # held-out (confidence, agree) pairs, for audits
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 GATHER_POLL_S = 0.0005
 GATHER_QUIET_S = 0.010
 
 
 class MicroBatcher:
+    """``predict_parts`` (a student's ``Student.predict_parts``), when given, is used
+    instead of ``predict``: each part's requests are answered as soon as it is ready."""
+
     def __init__(
         self,
         predict: Callable[[list[str]], list[Prediction]],
         executor: ThreadPoolExecutor,
         max_batch: int = 64,
         gather_ms: float = 20.0,
+        predict_parts: Callable[[list[str], Deliver], None] | None = None,
     ) -> None:
         self._predict = predict
+        self._predict_parts = predict_parts
         self._executor = executor
         self._max_batch = max_batch
         self._gather_s = gather_ms / 1000
@@ -86,23 +94,47 @@ class MicroBatcher:
             while self._pending:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
-                texts = [text for text, _ in batch]
+                futures = [future for _, future in batch]
                 try:
-                    predictions = await loop.run_in_executor(self._executor, self._predict, texts)
-                    if len(predictions) != len(batch):
-                        raise RuntimeError("the student returned a wrong number of predictions")
+                    await self._run(loop, [text for text, _ in batch], futures)
                 except Exception as exc:
-                    for _, future in batch:
+                    for future in futures:
                         if not future.done():
                             future.set_exception(exc)
                     continue
-                for (_, future), prediction in zip(batch, predictions, strict=True):
-                    if not future.done():
-                        future.set_result(prediction)
                 if len(batch) > 1 and self._gather_s > 0:
                     await self._gather(loop, len(batch))
         finally:
             self._running = False
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, texts: list[str],
+                   futures: list[asyncio.Future[Prediction]]) -> None:
+        if self._predict_parts is None:
+            predictions = await loop.run_in_executor(self._executor, self._predict, texts)
+            _resolve(futures, list(range(len(texts))), predictions)
+            return
+
+        def deliver(positions: list[int], predictions: list[Prediction]) -> None:
+            loop.call_soon_threadsafe(_resolve, futures, positions, predictions)
+
+        await loop.run_in_executor(self._executor, self._predict_parts, texts, deliver)
+        # Every part was handed to the loop before the executor's own completion was, so
+        # the parts have been resolved by now; a student that skipped a position did not.
+        if not all(future.done() for future in futures):
+            raise RuntimeError("the student returned no prediction for some requests")
+
+
+def _resolve(futures: list[asyncio.Future[Prediction]], positions: list[int],
+             predictions: list[Prediction]) -> None:
+    if len(positions) != len(predictions):
+        error = RuntimeError("the student returned a wrong number of predictions")
+        for position in positions:
+            if not futures[position].done():
+                futures[position].set_exception(error)
+        return
+    for position, prediction in zip(positions, predictions, strict=True):
+        if not futures[position].done():
+            futures[position].set_result(prediction)
 
 
 @dataclass
@@ -181,8 +213,8 @@ def all_threads() -> int:
     return _ALL_THREADS
 
 
-def sized_threads(predict: Callable[[list[str]], list[Prediction]]
-                  ) -> Callable[[list[str]], list[Prediction]]:
+def sized_threads(predict: Callable[Concatenate[list[str], P], R]
+                  ) -> Callable[Concatenate[list[str], P], R]:
     """Wrap a torch student's ``predict`` (called on the inference thread) so that a small
     batch runs on one intra-op thread and a large one on all of them.
 
@@ -193,13 +225,13 @@ def sized_threads(predict: Callable[[list[str]], list[Prediction]]
     on concurrent threads of one each). The setting is per thread for OpenMP, so only the
     inference thread is affected.
     """
-    def run(texts: list[str]) -> list[Prediction]:
+    def run(texts: list[str], *args: P.args, **kwargs: P.kwargs) -> R:
         torch = sys.modules.get("torch")  # a student that does not use torch is left alone
         if torch is not None:
             want = 1 if len(texts) < SMALL_BATCH else all_threads()
             if torch.get_num_threads() != want:  # set_num_threads also drops oneDNN caches
                 torch.set_num_threads(want)
-        return predict(texts)
+        return predict(texts, *args, **kwargs)
 
     return run
 
@@ -248,7 +280,8 @@ class StudentPool:
             version=version.version,
             threshold=version.threshold,
             student=student,
-            batcher=MicroBatcher(sized_threads(student.predict), self.executor),
+            batcher=MicroBatcher(sized_threads(student.predict), self.executor,
+                                 predict_parts=sized_threads(student.predict_parts)),
             held_out=read_held_out(directory),
         )
 

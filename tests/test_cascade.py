@@ -332,3 +332,54 @@ def test_micro_batcher_gathers_concurrent_clients_into_full_batches(gather_ms: f
         assert singles_after_start <= 1 and len(sizes) <= 13, sizes
     else:  # without gathering, each round splits into a single and the rest
         assert singles_after_start >= 5, sizes
+
+
+def test_micro_batcher_answers_each_part_as_it_is_delivered() -> None:
+    """With a student's predict_parts, the requests of a part are answered while the rest
+    of the batch is still computed; a position left without a prediction, or a part of
+    the wrong length, fails those requests instead of hanging them."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.interfaces import Deliver, Prediction
+    from gateway.students import MicroBatcher
+
+    second_part = threading.Event()
+    mode = {"value": "ok"}
+
+    def predict(texts: list[str]) -> list[Prediction]:
+        raise AssertionError("predict_parts is used when given")
+
+    def predict_parts(texts: list[str], deliver: Deliver) -> None:
+        half = len(texts) // 2
+        deliver(list(range(half)), [Prediction(t, 1.0) for t in texts[:half]])
+        assert second_part.wait(5)  # the first part is answered before this goes on
+        rest = list(range(half, len(texts)))
+        if mode["value"] == "skip":
+            rest = rest[:-1]
+        answers = [Prediction(texts[i], 1.0) for i in rest]
+        if mode["value"] == "short":
+            answers = answers[:-1]
+        deliver(rest, answers)
+
+    async def main() -> None:
+        batcher = MicroBatcher(predict, ThreadPoolExecutor(1), gather_ms=0,
+                               predict_parts=predict_parts)
+        loop = asyncio.get_running_loop()
+        for value in ("ok", "skip", "short"):
+            mode["value"] = value
+            second_part.clear()
+            first = [loop.create_task(batcher.predict(f"a{i}")) for i in range(4)]
+            await asyncio.sleep(0)  # all four pending before the batch starts
+            done, _ = await asyncio.wait(first, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+            # The first half is answered while predict_parts still waits.
+            assert {t.result().target for t in done} <= {"a0", "a1"} and done
+            second_part.set()
+            results = await asyncio.gather(*first, return_exceptions=True)
+            if value == "ok":
+                assert [r.target for r in results] == ["a0", "a1", "a2", "a3"]
+            else:
+                assert [r.target for r in results[:2]] == ["a0", "a1"]
+                assert any(isinstance(r, RuntimeError) for r in results[2:]), results
+
+    asyncio.run(main())

@@ -54,7 +54,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.hookspecs import hookimpl
-from gateway.interfaces import Example, Prediction, Student, Task, Trainer
+from gateway.interfaces import Deliver, Example, Prediction, Student, Task, Trainer
 from plugins.trainers.minilm_encoder import (  # noqa: F401  (re-exported for callers)
     BUNDLED_ENCODER,
     Encoder,
@@ -602,7 +602,25 @@ class EmbeddingClassifierStudent(Student):
         opts = self.options
         emb, feats = self.encoder.encode(inputs, opts.layers, opts.max_tokens,
                                          opts.predict_batch_size)
-        out = self.head.raw(emb, feats, opts)
+        return self._answers(emb, feats)
+
+    def predict_parts(self, inputs: list[str], deliver: Deliver) -> None:
+        """Each encoder thread's rows go through the heads and out on that thread as soon
+        as it has no pass left, while the other thread finishes its last one: the heads'
+        work fills that wait, and the gateway answers those requests (and reads the
+        clients' next ones) before the whole batch is done."""
+        if not inputs:
+            return
+        opts = self.options
+
+        def on_rows(rows: list[int], emb: np.ndarray, feats: np.ndarray) -> None:
+            deliver(rows, self._answers(emb, feats))
+
+        self.encoder.encode(inputs, opts.layers, opts.max_tokens, opts.predict_batch_size,
+                            on_rows=on_rows)
+
+    def _answers(self, emb: np.ndarray, feats: np.ndarray) -> list[Prediction]:
+        out = self.head.raw(emb, feats, self.options)
         conf = np.clip(self.head.calibrator(out), 0.0, 1.0)
         return [Prediction(target=self.targets[int(i)], confidence=float(c))
                 for i, c in zip(out.pred, conf, strict=True)]

@@ -8,7 +8,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -156,10 +156,16 @@ class Encoder:
         return index
 
     def encode(self, texts: Sequence[str], layers: Sequence[int], max_tokens: int,
-               batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+               batch_size: int, on_rows: Callable[[list[int], np.ndarray, np.ndarray], None]
+               | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(sentence embeddings n x h, layer features n x (h * len(layers))), float32, rows of
         the first normalised, each layer block of the second normalised and scaled by
-        1/sqrt(len(layers)) so that every row has unit norm."""
+        1/sqrt(len(layers)) so that every row has unit norm.
+
+        ``on_rows(rows, embeddings, features)``, when given, is called by each thread that
+        encoded part of the batch as soon as no pass is left for it, with the rows it
+        encoded (positions in ``texts``) and their arrays: a caller can use them while the
+        other threads finish their last passes."""
         import torch  # already loaded by __init__; local for the annotations below
 
         indices = [self.layer_index(layer) for layer in layers]
@@ -168,31 +174,40 @@ class Encoder:
         threads = min(int(torch.get_num_threads()), all_threads())
         chunks = balanced_passes([len(texts[i]) for i in order], order,
                                  pass_count(len(order), batch_size, threads), 2 * batch_size)
-        concurrent = min(threads, len(chunks)) > 1
+        workers = min(threads, len(chunks))
         emb = np.empty((len(texts), self.hidden_size), dtype=np.float32)
         feats = np.empty((len(texts), self.hidden_size * len(indices)), dtype=np.float32)
         scale = 1.0 / math.sqrt(len(indices))
+        # Passes of about equal work, longest texts first, each thread taking the next when
+        # done: the threads finish together.
+        queue = iter(chunks)
+        queue_lock = threading.Lock()
 
-        def encode_one(chunk: list[int], pass_thread: bool = False) -> None:
+        def run_passes(pass_thread: bool) -> None:
             if pass_thread and torch.get_num_threads() != 1:  # a pool thread: once
                 torch.set_num_threads(1)
-            with torch.inference_mode():
-                emb[chunk], feats[chunk] = self._encode_chunk(
-                    [texts[i] for i in chunk], indices, max_tokens, scale)
+            mine: list[int] = []
+            while True:
+                with queue_lock:
+                    chunk = next(queue, None)
+                if chunk is None:
+                    break
+                with torch.inference_mode():
+                    emb[chunk], feats[chunk] = self._encode_chunk(
+                        [texts[i] for i in chunk], indices, max_tokens, scale)
+                mine += chunk
+            if on_rows is not None and mine:
+                on_rows(mine, emb[mine], feats[mine])
 
         # A caller allowed several intra-op threads gets them as concurrent passes of one
         # thread each instead: on 2 cores two such passes encode ~1.8x the texts of one
         # thread, one pass on two OpenMP threads ~1.3x. (A lone request is encoded with
         # one thread, on the caller's: see gateway.students.sized_threads.)
-        if not concurrent:
-            for chunk in chunks:
-                encode_one(chunk)
+        if workers <= 1:
+            run_passes(False)
         else:
             pool = _pass_pool()
-            # Passes of about equal work, longest texts first, each thread taking the next
-            # when done: the threads finish together.
-            done = [pool.submit(encode_one, chunk, True) for chunk in chunks]
-            for future in done:
+            for future in [pool.submit(run_passes, True) for _ in range(workers)]:
                 future.result()
         return emb, feats
 
