@@ -177,7 +177,8 @@ def test_parts_of_a_batch_are_delivered_per_encoder_thread(
     from gateway.students import all_threads
 
     if all_threads() > 1:  # one part per pass thread, delivered on it
-        assert len(parts) == 2
+        # (2 unless one thread took all four passes before the other started)
+        assert len(parts) in (1, 2) and len({thread for _, _, thread in parts}) == len(parts)
         assert threading.get_ident() not in {thread for _, _, thread in parts}
     else:
         assert len(parts) == 1

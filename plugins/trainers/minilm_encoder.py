@@ -172,8 +172,11 @@ class Encoder:
         # Sorting by length keeps padding (wasted encoder work) small within each pass.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         threads = min(int(torch.get_num_threads()), all_threads())
+        # The cut depends on the machine's cores, not on this caller's threads: int8 scales
+        # activations per pass, so the same texts give the same features from any caller.
         chunks = balanced_passes([len(texts[i]) for i in order], order,
-                                 pass_count(len(order), batch_size, threads), 2 * batch_size)
+                                 pass_count(len(order), batch_size, all_threads()),
+                                 2 * batch_size)
         workers = min(threads, len(chunks))
         emb = np.empty((len(texts), self.hidden_size), dtype=np.float32)
         feats = np.empty((len(texts), self.hidden_size * len(indices)), dtype=np.float32)
@@ -307,9 +310,9 @@ PASS_TEXT_OVERHEAD = 10
 
 def pass_count(texts: int, batch_size: int, threads: int) -> int:
     """Passes for ``texts`` at ``batch_size`` on average, a whole number per thread when
-    several threads share them, so that none idles through the others' last pass (20
-    texts, 2 threads: 4 passes of 5, not 3 of about 7; measured with 20 connections,
-    546 -> 610 requests/s)."""
+    ``threads`` (the cores inference may use) share them, so that none idles through the
+    others' last pass (20 texts, 2 threads: 4 passes of 5, not 3 of about 7; measured with
+    20 connections, 546 -> 610 requests/s)."""
     passes = -(-texts // batch_size)
     if threads > 1 and passes > 1:
         passes = min(texts, -(-passes // threads) * threads)
