@@ -472,6 +472,19 @@ def test_dedup_runs_other_poolings_through_sentence_transformers(tmp_path: Path)
     pooling.write_text(json.dumps({**config, "pooling_mode_mean_tokens": False,
                                    "pooling_mode_cls_token": True}))
     assert not mean_pooled(str(model))
+    # The filter's encoder for that folder gives sentence-transformers' CLS embeddings,
+    # not the mean-pooled ones the direct path would compute.
+    from sentence_transformers import SentenceTransformer
+
+    from plugins.filters.dedup import _encoder
+
+    texts = ["where is my card?", "I was charged twice for the same coffee"]
+    cls = SentenceTransformer(str(model), device="cpu").encode(texts, convert_to_numpy=True)
+    cls /= np.linalg.norm(cls, axis=1, keepdims=True)
+    got = _encoder(str(model), "float32").embed(texts, 8, 0, 1)
+    mean = _encoder(None, "float32").embed(texts, 8, 0, 1)
+    assert float(np.abs(got - cls).max()) < 1e-5
+    assert float(np.abs(mean - cls).max()) > 1e-2
     pooling.write_text(json.dumps(config))
     modules = json.loads((model / "modules.json").read_text())
     (model / "modules.json").write_text(json.dumps(

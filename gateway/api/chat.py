@@ -6,7 +6,9 @@ import time
 
 import orjson
 from fastapi import APIRouter, Request
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope
 
 from gateway.api.deps import CascadeDep, RuntimeDep
 from gateway.errors import InvalidRequest, PayloadTooLarge
@@ -17,29 +19,36 @@ router = APIRouter(tags=["chat"])
 _REQUEST_SCHEMA = ChatCompletionRequest.model_json_schema()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes before reading them all."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise InvalidRequest("Invalid Content-Length header.") from None
-        if size > limit:
-            raise PayloadTooLarge(
-                f"The request body is {size} bytes; the limit is {limit}.", code="request_too_large"
-            )
-        return await request.body()
+class ClientGone(ClientDisconnect):
+    """The client disconnected before its request body was read."""
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes before reading them all (at
+    once when Content-Length says so, else while reading)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                size = int(value)
+            except ValueError:
+                raise InvalidRequest("Invalid Content-Length header.") from None
+            if size > limit:
+                raise PayloadTooLarge(f"The request body is {size} bytes; the limit is {limit}.",
+                                      code="request_too_large")
     chunks: list[bytes] = []
     received = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
         received += len(chunk)
         if received > limit:
-            raise PayloadTooLarge(
-                f"The request body exceeds the limit of {limit} bytes.", code="request_too_large"
-            )
+            raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.",
+                                  code="request_too_large")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 @router.post(
@@ -54,7 +63,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 )
 async def chat_completions(request: Request, runtime: RuntimeDep, cascade: CascadeDep) -> Response:
     started = time.perf_counter()
-    body = await read_body(request, runtime.settings.server.max_body_bytes)
+    body = await read_body(request.scope, request.receive,
+                           runtime.settings.server.max_body_bytes)
     chat, raw = parse_chat_request(body)  # raw is recorded exactly as the client sent it
     if chat.stream:
         events, headers = await cascade.open_stream(chat, raw, started)

@@ -16,27 +16,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
 
 import orjson
 from fastapi import FastAPI
+from starlette.types import Message, Receive, Scope, Send
 
-from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge
+from gateway.api.chat import ClientGone, read_body
+from gateway.errors import GatewayError
 from gateway.schemas import parse_chat_request
 
 log = logging.getLogger("distill_gateway")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
 CHAT_PATH = "/v1/chat/completions"
-
-
-class ClientGone(Exception):
-    """The client disconnected before its request body was read."""
 
 
 class GatewayApp(FastAPI):
@@ -81,33 +72,6 @@ class GatewayApp(FastAPI):
         raw_headers += [(name.encode(), value.encode()) for name, value in headers.items()]
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": payload})
-
-
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes before reading them all."""
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            try:
-                size = int(value)
-            except ValueError:
-                raise InvalidRequest("Invalid Content-Length header.") from None
-            if size > limit:
-                raise PayloadTooLarge(f"The request body is {size} bytes; the limit is {limit}.",
-                                      code="request_too_large")
-    chunks: list[bytes] = []
-    received = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        received += len(chunk)
-        if received > limit:
-            raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.",
-                                  code="request_too_large")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 def replay(body: bytes, receive: Receive) -> Receive:
