@@ -15,6 +15,7 @@ import asyncio
 import logging
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -253,8 +254,10 @@ class DistillationLoop:
             processes = list(getattr(self._pool, "_processes", {}).values())
             self._pool.shutdown(wait=False, cancel_futures=True)
             for process in processes:
-                if not self.running:
-                    process.join(timeout=5)
-                if process.is_alive():
+                # The sentinel, not is_alive(): the executor's own thread may be reaping the
+                # worker at this moment, and is_alive() then reads a dead worker as alive.
+                exited = multiprocessing.connection.wait([process.sentinel],
+                                                         timeout=0 if self.running else 5)
+                if not exited:
                     process.terminate()
             self._pool = None
