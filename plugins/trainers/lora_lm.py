@@ -24,6 +24,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -221,6 +222,16 @@ def bundled_path(key: str, root: Path) -> Path:
         log.info("converted bundled model %s to %s in %.1f s", key, final,
                  time.perf_counter() - started)
     return final
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft (0.21) reads transformers' deprecated ``is_gradient_checkpointing`` when it
+    wraps a model: the FutureWarning is about peft's code, not ours or the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)
+        yield
 
 
 @contextlib.contextmanager
@@ -530,9 +541,10 @@ class LoraLMTrainer(Trainer):
             raise ValueError(f"every target is longer than max_new_tokens="
                              f"{opts.max_new_tokens} tokens")
 
-        peft_model: Any = get_peft_model(model, LoraConfig(
-            r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
-            target_modules=list(opts.target_modules), task_type="CAUSAL_LM"))
+        with quiet_peft():
+            peft_model: Any = get_peft_model(model, LoraConfig(
+                r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
+                target_modules=list(opts.target_modules), task_type="CAUSAL_LM"))
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=opts.learning_rate,
                                       weight_decay=opts.weight_decay)
@@ -644,7 +656,8 @@ class LoraLMTrainer(Trainer):
         if len(tokenizer) != meta["base"]["vocab_size"]:
             raise ValueError(f"base model {opts.base_model} has {len(tokenizer)} tokens; the "
                              f"adapter was trained on {meta['base']['vocab_size']}")
-        peft_model = PeftModel.from_pretrained(model, str(artifact_dir))
+        with quiet_peft():
+            peft_model = PeftModel.from_pretrained(model, str(artifact_dir))
         # Merged weights decode faster: no extra low-rank matmuls per layer and token.
         merged = peft_model.merge_and_unload()
         mapping = ConfidenceMap(**meta.get("calibration", {}))
