@@ -31,16 +31,20 @@ def redactor_of(chain: list[tuple[str, Filter]]) -> Redact | None:
     return redact
 
 
+REDACTED_FIELDS = ("request", "task_input", "response", "answer", "target", "student_target")
+
+
 def redact_record(record: ExchangeRecord, redact: Redact) -> ExchangeRecord:
-    return dataclasses.replace(
-        record,
-        request=redact(record.request),
-        task_input=redact(record.task_input) if record.task_input is not None else None,
-        response=redact(record.response) if record.response is not None else None,
-        answer=redact(record.answer) if record.answer is not None else None,
-        target=redact(record.target),
-        student_target=redact(record.student_target),
-    )
+    """The record with its free-text fields redacted; the record itself when nothing in it
+    is (most records: the writer then builds no copy)."""
+    changed = {}
+    for name in REDACTED_FIELDS:
+        value = getattr(record, name)
+        if value is not None:
+            new = redact(value)
+            if new is not value:
+                changed[name] = new
+    return dataclasses.replace(record, **changed) if changed else record
 
 
 def record_transform(

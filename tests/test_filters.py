@@ -355,6 +355,35 @@ def test_redact_value_walks_nested_json() -> None:
     assert value["messages"][0]["content"] == "I am jo@x.org"  # the input is not modified
 
 
+def test_redaction_copies_only_what_it_changes() -> None:
+    """The store redacts every record and most have nothing to redact: those come back as
+    they are, and a changed one is a copy (the original and its nested values untouched)."""
+    from gateway.redaction import redact_record
+    from gateway.store.records import ExchangeRecord
+
+    clean = {"messages": [{"role": "user", "content": "Where is my card?"}], "n": 3,
+             "tags": ("ok", "order 12 of 2024")}
+    assert redact_value(clean) is clean
+    dirty = {"messages": [{"role": "user", "content": "mail jo@x.org"}], "meta": clean}
+    out = redact_value(dirty)
+    assert out is not dirty and out["meta"] is clean  # the unchanged branch is shared
+    assert out["messages"][0]["content"] == "mail [EMAIL]"
+    assert dirty["messages"][0]["content"] == "mail jo@x.org"
+
+    redactor = PiiFilter(PiiFilter.Options()).redact_value
+    record = ExchangeRecord(model="m", task="t", request=clean, served_by="student",
+                            status=200, task_input="Where is my card?", answer="card_arrival",
+                            target="card_arrival")
+    assert redact_record(record, redactor) is record
+    leaky = ExchangeRecord(model="m", task="t", request=dirty, served_by="teacher",
+                           status=200, task_input="mail jo@x.org", answer="ok")
+    redacted = redact_record(leaky, redactor)
+    assert redacted is not leaky and redacted.id == leaky.id
+    assert (redacted.task_input, redacted.answer) == ("mail [EMAIL]", "ok")
+    assert redacted.request["messages"][0]["content"] == "mail [EMAIL]"
+    assert leaky.task_input == "mail jo@x.org"
+
+
 def test_pii_filter_redacts_input_json_target_and_conversation() -> None:
     task = extract_task()
     example = ex(

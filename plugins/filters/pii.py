@@ -429,6 +429,8 @@ _DETECTORS: dict[str, tuple[int, _Detector]] = {
     "phone": (7, _phone),
 }
 _ALL = frozenset(ALL_KINDS)
+# Every detector needs a digit except e-mail, which needs an "@".
+_MAYBE_PII = re.compile(r"[0-9@]")
 
 
 @lru_cache(maxsize=64)
@@ -444,13 +446,12 @@ def redact(text: str, kinds: Iterable[str] = _ALL) -> tuple[str, dict[str, int]]
     """``text`` with personal data replaced by typed placeholders, and the number of
     replacements by kind (kinds with none are left out)."""
     counts: Counts = {}
+    if _MAYBE_PII.search(text) is None:  # one scan in C: most strings have neither
+        return text, counts
     detectors = _detectors(kinds if isinstance(kinds, frozenset) else frozenset(kinds))
     # Placeholders have no digits, so the count of the original text stays an upper
     # bound as detectors replace things.
     digits = sum(map(text.count, "0123456789"))
-    # Every detector needs a digit except e-mail, which needs an "@".
-    if not digits and "@" not in text:
-        return text, counts
     for min_digits, detector in detectors:
         if digits >= min_digits:
             text = detector(text, counts)
@@ -461,23 +462,35 @@ def redact_value(
     value: Any, kinds: Iterable[str] = _ALL, counts: dict[str, int] | None = None
 ) -> Any:
     """A JSON-like value with every string in it redacted (dict values and list items,
-    recursively; keys are kept, as they name fields). Adds to ``counts`` when given."""
+    recursively; keys are kept, as they name fields). Adds to ``counts`` when given. A
+    value with nothing to redact is returned as it is, not copied: the store redacts
+    every record, and most have nothing to redact."""
     key = kinds if isinstance(kinds, frozenset) else frozenset(kinds)
     return _redact_value(value, key, counts if counts is not None else {})
 
 
 def _redact_value(value: Any, kinds: frozenset[str], counts: Counts) -> Any:
     if isinstance(value, str):
+        if _MAYBE_PII.search(value) is None:
+            return value
         text, found = redact(value, kinds)
         for kind, n in found.items():
             counts[kind] = counts.get(kind, 0) + n
         return text if found else value
     if isinstance(value, dict):
-        return {k: _redact_value(v, kinds, counts) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redact_value(v, kinds, counts) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_redact_value(v, kinds, counts) for v in value)
+        changed: dict[Any, Any] | None = None
+        for key, item in value.items():
+            new = _redact_value(item, kinds, counts)
+            if new is not item:
+                if changed is None:
+                    changed = dict(value)
+                changed[key] = new
+        return value if changed is None else changed
+    if isinstance(value, list | tuple):
+        items = [_redact_value(item, kinds, counts) for item in value]
+        if all(new is old for new, old in zip(items, value, strict=True)):
+            return value
+        return items if isinstance(value, list) else tuple(items)
     return value
 
 
