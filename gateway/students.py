@@ -39,18 +39,16 @@ GATHER_QUIET_S = 0.010
 
 
 class MicroBatcher:
-    """``predict_parts`` (a student's ``Student.predict_parts``), when given, is used
-    instead of ``predict``: each part's requests are answered as soon as it is ready."""
+    """Batches of pending requests through ``predict_parts`` (a student's
+    ``Student.predict_parts``): each part's requests are answered as soon as it is ready."""
 
     def __init__(
         self,
-        predict: Callable[[list[str]], list[Prediction]],
+        predict_parts: Callable[[list[str], Deliver], None],
         executor: ThreadPoolExecutor,
         max_batch: int = 64,
         gather_ms: float = 20.0,
-        predict_parts: Callable[[list[str], Deliver], None] | None = None,
     ) -> None:
-        self._predict = predict
         self._predict_parts = predict_parts
         self._executor = executor
         self._max_batch = max_batch
@@ -109,11 +107,6 @@ class MicroBatcher:
 
     async def _run(self, loop: asyncio.AbstractEventLoop, texts: list[str],
                    futures: list[asyncio.Future[Prediction]]) -> None:
-        if self._predict_parts is None:
-            predictions = await loop.run_in_executor(self._executor, self._predict, texts)
-            _resolve(futures, list(range(len(texts))), predictions)
-            return
-
         def deliver(positions: list[int], predictions: list[Prediction]) -> None:
             loop.call_soon_threadsafe(_resolve, futures, positions, predictions)
 
@@ -280,8 +273,7 @@ class StudentPool:
             version=version.version,
             threshold=version.threshold,
             student=student,
-            batcher=MicroBatcher(sized_threads(student.predict), self.executor,
-                                 predict_parts=sized_threads(student.predict_parts)),
+            batcher=MicroBatcher(sized_threads(student.predict_parts), self.executor),
             held_out=read_held_out(directory),
         )
 

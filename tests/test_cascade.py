@@ -304,18 +304,18 @@ def test_micro_batcher_gathers_concurrent_clients_into_full_batches(gather_ms: f
     import random
     from concurrent.futures import ThreadPoolExecutor
 
-    from gateway.interfaces import Prediction
+    from gateway.interfaces import Deliver, Prediction
     from gateway.students import MicroBatcher
 
     sizes: list[int] = []
 
-    def predict(texts: list[str]) -> list[Prediction]:
+    def predict_parts(texts: list[str], deliver: Deliver) -> None:
         sizes.append(len(texts))
         time.sleep(0.005)  # the encoder's work, on the inference thread
-        return [Prediction(target=t, confidence=1.0) for t in texts]
+        deliver(list(range(len(texts))), [Prediction(target=t, confidence=1.0) for t in texts])
 
     async def main() -> None:
-        batcher = MicroBatcher(predict, ThreadPoolExecutor(1), gather_ms=gather_ms)
+        batcher = MicroBatcher(predict_parts, ThreadPoolExecutor(1), gather_ms=gather_ms)
         rng = random.Random(0)
 
         async def client(name: str) -> None:
@@ -335,9 +335,9 @@ def test_micro_batcher_gathers_concurrent_clients_into_full_batches(gather_ms: f
 
 
 def test_micro_batcher_answers_each_part_as_it_is_delivered() -> None:
-    """With a student's predict_parts, the requests of a part are answered while the rest
-    of the batch is still computed; a position left without a prediction, or a part of
-    the wrong length, fails those requests instead of hanging them."""
+    """The requests of a part are answered while the rest of the batch is still computed;
+    a position left without a prediction, or a part of the wrong length, fails those
+    requests instead of hanging them."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -346,9 +346,6 @@ def test_micro_batcher_answers_each_part_as_it_is_delivered() -> None:
 
     second_part = threading.Event()
     mode = {"value": "ok"}
-
-    def predict(texts: list[str]) -> list[Prediction]:
-        raise AssertionError("predict_parts is used when given")
 
     def predict_parts(texts: list[str], deliver: Deliver) -> None:
         half = len(texts) // 2
@@ -363,8 +360,7 @@ def test_micro_batcher_answers_each_part_as_it_is_delivered() -> None:
         deliver(rest, answers)
 
     async def main() -> None:
-        batcher = MicroBatcher(predict, ThreadPoolExecutor(1), gather_ms=0,
-                               predict_parts=predict_parts)
+        batcher = MicroBatcher(predict_parts, ThreadPoolExecutor(1), gather_ms=0)
         loop = asyncio.get_running_loop()
         for value in ("ok", "skip", "short"):
             mode["value"] = value

@@ -448,14 +448,19 @@ def redact(text: str, kinds: Iterable[str] = _ALL) -> tuple[str, dict[str, int]]
     counts: Counts = {}
     if _MAYBE_PII.search(text) is None:  # one scan in C: most strings have neither
         return text, counts
-    detectors = _detectors(kinds if isinstance(kinds, frozenset) else frozenset(kinds))
+    key = kinds if isinstance(kinds, frozenset) else frozenset(kinds)
+    return _redact_text(text, key, counts), counts
+
+
+def _redact_text(text: str, kinds: frozenset[str], counts: Counts) -> str:
+    """``redact`` past its first check, adding to ``counts``."""
     # Placeholders have no digits, so the count of the original text stays an upper
     # bound as detectors replace things.
     digits = sum(map(text.count, "0123456789"))
-    for min_digits, detector in detectors:
+    for min_digits, detector in _detectors(kinds):
         if digits >= min_digits:
             text = detector(text, counts)
-    return text, counts
+    return text
 
 
 def redact_value(
@@ -473,10 +478,9 @@ def _redact_value(value: Any, kinds: frozenset[str], counts: Counts) -> Any:
     if isinstance(value, str):
         if _MAYBE_PII.search(value) is None:
             return value
-        text, found = redact(value, kinds)
-        for kind, n in found.items():
-            counts[kind] = counts.get(kind, 0) + n
-        return text if found else value
+        found = sum(counts.values())
+        text = _redact_text(value, kinds, counts)
+        return text if sum(counts.values()) > found else value
     if isinstance(value, dict):
         changed: dict[Any, Any] | None = None
         for key, item in value.items():
