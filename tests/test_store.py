@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,6 +66,22 @@ def test_records_round_trip(db_url: str, tmp_path: Path) -> None:
     assert row["cost_usd"] == pytest.approx(123e-6)
     assert row["student_target"] is None
     store.stop()
+
+
+def test_record_ids_are_uuid7_in_the_order_they_were_made() -> None:
+    """Ids sort by creation time (inserts append to the primary-key index instead of
+    landing on random pages of it) and stay unique within a millisecond."""
+    first = [ExchangeRecord(model="t", task="t", request={}, served_by="teacher", status=200)
+             for _ in range(2000)]
+    time.sleep(0.002)
+    later = ExchangeRecord(model="t", task="t", request={}, served_by="teacher", status=200)
+    ids = [r.id for r in first]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and uuid.UUID(i).version == 7 for i in ids)
+    assert all(uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
+    assert max(ids) < later.id
+    made_ms = int(later.id[:12], 16)
+    assert abs(made_ms - later.created_at.timestamp() * 1000) < 50
 
 
 def test_migrations_are_idempotent(db_url: str, tmp_path: Path) -> None:
