@@ -45,8 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "banking77"
 sys.path.insert(0, str(ROOT))  # the plugins, for the encoder ceiling
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-       "TOKENIZERS_PARALLELISM": "false"}
+# No TOKENIZERS_PARALLELISM here: the encoder turns the tokenizer's thread pool off itself,
+# in the gateway and in this process's encoder ceiling alike, so both run as a user's do.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
 
 
 def run(*args: str, cwd: Path) -> float:

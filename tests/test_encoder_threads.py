@@ -77,3 +77,23 @@ def test_a_large_encode_runs_its_passes_on_concurrent_threads_with_the_same_resu
         assert caller.submit(torch.get_num_threads).result() == 2  # the caller's own
     assert len(threads_seen) == 2 and all(n.startswith("distill-encode") for n in threads_seen)
     assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1])
+
+
+def test_an_encoder_turns_the_tokenizer_thread_pool_off_unless_the_user_chose(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The encoder runs one pass per core; the fast tokenizer's own thread pool would fight
+    those passes for the cores (measured: the gateway 12% slower), so a new encoder turns
+    it off, but an explicit choice in the environment stands."""
+    import os
+
+    from plugins.trainers.embedding_classifier import EmbeddingClassifierOptions
+    from plugins.trainers.minilm_encoder import Encoder, get_encoder
+
+    options = EmbeddingClassifierOptions()
+    shared = get_encoder(options.encoder, options.quantize)
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    Encoder(shared.ref, shared.model, shared.tokenizer, shared.max_tokens)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    Encoder(shared.ref, shared.model, shared.tokenizer, shared.max_tokens)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
