@@ -53,10 +53,10 @@ class Encoder:
     def __init__(self, ref: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  max_tokens: int) -> None:
         # Each pass tokenizes its few texts on its own thread, one pass per core; the fast
-        # tokenizer's thread pool (on unless this is set, read at every call) only fights
-        # the passes for the cores. On 2 cores, random batches of 32: one caller 1,443 ->
-        # 1,813 texts/s, one caller per core 1,812 -> 1,968; the gateway under 32
-        # connections 1,079 -> 1,220 requests/s.
+        # tokenizer's thread pool (on unless this is set) only fights the passes for the
+        # cores. On 2 cores, random batches of 32: one caller 1,443 -> 1,813 texts/s, one
+        # caller per core 1,812 -> 1,968; the gateway under 32 connections 1,079 -> 1,220
+        # requests/s.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.ref = ref
         self.model = model.eval()
