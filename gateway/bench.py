@@ -54,7 +54,7 @@ class BenchOptions:
     min_examples: int | None = None
     retrain_every: int | None = None
     audit_rate: float = 0.02
-    calibration: str = "bound"
+    calibration: str = "crossfit"
     trainer: str | None = None
     trainer_options: dict[str, Any] = field(default_factory=dict)
     filters: list[str] | None = None

@@ -36,7 +36,9 @@ def cascade(
     min_examples: Annotated[int | None, typer.Option(help="policy override")] = None,
     retrain_every: Annotated[int | None, typer.Option(help="policy override")] = None,
     audit_rate: Annotated[float, typer.Option(help="share of student answers audited")] = 0.02,
-    calibration: Annotated[str, typer.Option(help="bound | naive (baseline)")] = "bound",
+    calibration: Annotated[
+        str, typer.Option(help="crossfit | bound | naive (baseline)")
+    ] = "crossfit",
     trainer: Annotated[str | None, typer.Option(help="trainer plugin override")] = None,
     trainer_options: Annotated[str, typer.Option(help="trainer options as JSON")] = "{}",
     plugin: Annotated[list[str] | None, typer.Option(help="extra plugin module")] = None,
@@ -58,8 +60,8 @@ def cascade(
 
     if task not in ("classify", "extract", "rewrite"):
         raise _fail("--task must be classify, extract or rewrite")
-    if calibration not in ("bound", "naive"):
-        raise _fail("--calibration must be bound or naive")
+    if calibration not in ("crossfit", "bound", "naive"):
+        raise _fail("--calibration must be crossfit, bound or naive")
     report = run_bench(
         BenchOptions(
             stream=stream,

@@ -157,7 +157,11 @@ def eval_version(
     if chosen is None:
         raise _fail(f"{task} has no active version; pass --version")
     policy = workspace.settings.tasks[task].policy
-    _, held_out = split(load_examples(workspace.engine, task), policy.holdout_fraction)
+    examples = load_examples(workspace.engine, task)
+    if chosen.metrics.get("calibration_method") == "crossfit":
+        held_out = examples  # each answered by the model of its fold, which never saw it
+    else:
+        _, held_out = split(examples, policy.holdout_fraction)
     if not held_out:
         raise _fail(f"{task}: no held-out teacher labels recorded yet")
     with err.status(f"evaluating {task} {chosen.version} on {len(held_out)} held-out labels…"):

@@ -122,12 +122,16 @@ class PolicyConfig(_Strict):
     retrain_interval_s: float | None = Field(
         default=None, gt=0, description="also retrain on this schedule when new data came in"
     )
-    calibration: Literal["bound", "naive"] = Field(
-        default="bound",
-        description="bound: threshold from an upper confidence bound on "
-        "held-out labels the serving student never saw; naive: a cross-validated point "
-        "estimate applied to a student retrained on everything (a baseline, it breaks the "
-        "promise)",
+    calibration: Literal["crossfit", "bound", "naive"] = Field(
+        default="crossfit",
+        description="crossfit: one model per fold of the inputs (by hash), each input "
+        "answered by the model that never trained on it, threshold from an upper confidence "
+        "bound on all labels (trainers that cannot cross-fit use bound); bound: the same "
+        "bound on the held-out labels alone; naive: a cross-validated point estimate applied "
+        "to a student retrained on everything (a baseline, it breaks the promise)",
+    )
+    calibration_folds: int = Field(
+        default=5, ge=2, le=20, description="folds (models) when calibration is crossfit"
     )
     drift_window: int = Field(
         default=500, ge=30, description="audits the drift guard looks back over"

@@ -6,6 +6,7 @@ the methods below, so a third-party plugin needs nothing but these base classes.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,18 @@ class NoOptions(BaseModel):
     """Options model for plugins that take none: any key is an error."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def input_bucket(text: str) -> float:
+    """Where a task input falls in [0, 1), fixed by a hash of the input: the same in every
+    round and every process, so an input is held out, or in a fold, for every version."""
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def input_fold(text: str, folds: int) -> int:
+    """The cross-fitting fold (``0 .. folds - 1``) of a task input (see ``input_bucket``)."""
+    return min(int(input_bucket(text) * folds), folds - 1)
 
 
 class InvalidTarget(ValueError):
@@ -131,4 +144,18 @@ class Trainer(ABC):
 
     @abstractmethod
     def load(self, artifact_dir: Path, task: Task) -> Student:
-        """Load an artifact written by ``train``."""
+        """Load an artifact written by ``train`` (or ``train_cross_fitted``)."""
+
+    def can_cross_fit(self) -> bool:
+        """Whether ``train_cross_fitted`` is available with these options."""
+        return False
+
+    def train_cross_fitted(
+        self, examples: list[Example], task: Task, out_dir: Path, folds: int
+    ) -> tuple[dict[str, Any], list[Prediction]]:
+        """Optional: train one model per fold of the inputs (``input_fold``), each on the
+        other folds' examples, into one artifact whose loaded student answers every input
+        with the model of that input's fold. Return the training figures and, for each
+        example in order, the prediction of the model that never trained on it: the
+        gateway calibrates on all of them, and they are what serving that input gives."""
+        raise NotImplementedError(f"{type(self).__name__} does not cross-fit")

@@ -3,11 +3,13 @@
 The split between training and held-out data is fixed by a hash of the task input, so an
 input is held out for every version or for none: the held-out labels used to calibrate a
 student (and to compare it with the active one) were never trained on by any version.
+Cross-fitting (``policy.calibration: crossfit``) splits the inputs into folds by the same
+hash and trains one model per fold on the others; the student answers each input with the
+model of its fold, so every recorded label calibrates a model that never saw it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import time
@@ -21,7 +23,7 @@ from sqlalchemy.engine import Engine
 from gateway.calibration import Calibration, calibrate, naive_threshold
 from gateway.config import Settings
 from gateway.curation import curate, summary
-from gateway.interfaces import Example, Prediction, Student, Task, Trainer
+from gateway.interfaces import Example, Prediction, Student, Task, Trainer, input_bucket
 from gateway.plugins import Plugins, load_plugins
 from gateway.registry import Registry, RegistryError, StudentVersion
 from gateway.runtime import TaskRuntime, build_tasks
@@ -39,8 +41,7 @@ class TrainingError(RuntimeError):
 
 
 def is_held_out(text: str, fraction: float) -> bool:
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return input_bucket(text) < fraction
 
 
 def load_examples(engine: Engine, task: str) -> list[Example]:
@@ -108,7 +109,18 @@ def evaluate(
     student: Student, task: Task, held_out: list[Example], target: float, confidence_level: float
 ) -> Evaluation:
     predictions = predict_all(student, [e.input for e in held_out])
-    confidences, agrees = judge(task, predictions, held_out)
+    return judged(task, predictions, held_out, target, confidence_level)
+
+
+def judged(
+    task: Task,
+    predictions: list[Prediction],
+    examples: list[Example],
+    target: float,
+    confidence_level: float,
+) -> Evaluation:
+    """Calibrate on predictions of ``examples`` made by a model that never trained on them."""
+    confidences, agrees = judge(task, predictions, examples)
     return Evaluation(
         calibrate(confidences, agrees, target, confidence_level),
         naive_threshold(confidences, agrees, target),
@@ -188,31 +200,51 @@ class Workspace:
                 f"{len(examples)} curated examples, fewer than min_examples {policy.min_examples}",
                 curation=summary(curated, len(recorded)),
             )
-        if policy.calibration == "naive":
+        trainer_name, trainer = self.trainer(task_name)
+        method = policy.calibration
+        if method == "crossfit" and not trainer.can_cross_fit():
+            method = "bound"  # e.g. lora-lm: a model per fold would cost as many trainings
+        if method == "naive":
             train, held_out = examples, list[Example]()
+        elif method == "crossfit":
+            train, held_out = examples, examples  # every label calibrates, out of fold
         else:
             train, held_out = split(examples, policy.holdout_fraction)
             if not held_out or not train:
                 return RoundResult(task_name, None, False, "nothing to hold out or to train on")
-        trainer_name, trainer = self.trainer(task_name)
         version = self.registry.create(
             task_name, trainer_name, trainer.options.model_dump(), len(train), len(held_out)
         )
         started = time.perf_counter()
         try:
             directory = self.registry.partial_dir(version)
-            if policy.calibration == "naive":
-                evaluation = self._cross_validate(trainer, runtime.task, train, workdir=directory)
-            figures = trainer.train(train, runtime.task, directory)
-            student = trainer.load(directory, runtime.task)
-            if policy.calibration != "naive":
-                evaluation = evaluate(
-                    student,
+            if method == "crossfit":
+                figures, out_of_fold = trainer.train_cross_fitted(
+                    examples, runtime.task, directory, policy.calibration_folds
+                )
+                trainer.load(directory, runtime.task)  # it loads, before it can be promoted
+                evaluation = judged(
                     runtime.task,
-                    held_out,
+                    out_of_fold,
+                    examples,
                     policy.target_agreement,
                     policy.confidence_level,
                 )
+            else:
+                if method == "naive":
+                    evaluation = self._cross_validate(
+                        trainer, runtime.task, train, workdir=directory
+                    )
+                figures = trainer.train(train, runtime.task, directory)
+                student = trainer.load(directory, runtime.task)
+                if method != "naive":
+                    evaluation = evaluate(
+                        student,
+                        runtime.task,
+                        held_out,
+                        policy.target_agreement,
+                        policy.confidence_level,
+                    )
             write_held_out(directory, evaluation.confidences, evaluation.agrees)
         except Exception as exc:
             self.registry.fail(version, f"{type(exc).__name__}: {exc}")
@@ -223,15 +255,18 @@ class Workspace:
             "seconds": round(time.perf_counter() - started, 2),
             "calibration": evaluation.calibration.to_dict(),
             "naive_threshold": evaluation.naive_threshold,
+            "calibration_method": method,
             "curation": summary(curated, len(recorded)),
         }
+        if method == "crossfit":
+            metrics["calibration_folds"] = policy.calibration_folds
         threshold = evaluation.calibration.threshold
-        if policy.calibration == "naive":
+        if method == "naive":
             # The baseline: the point estimate, and the retrained student always serves.
             threshold = evaluation.naive_threshold
             promote = "always" if promote == "if-better" else promote
         version = self.registry.complete(version, threshold, metrics)
-        result = self._gate(runtime, version, evaluation, held_out, promote)
+        result = self._gate(runtime, version, evaluation, held_out, promote, method)
         result.curation = metrics["curation"]
         self.registry.note(task_name, result.version or version, result.reason)
         self.registry.prune(task_name, keep=policy.keep_versions)
@@ -269,10 +304,29 @@ class Workspace:
         evaluation: Evaluation,
         held_out: list[Example],
         promote: str,
+        method: str,
     ) -> RoundResult:
         task_name = version.task
         policy = self.settings.tasks[task_name].policy
         active = self.registry.active(task_name)
+        new_share = evaluation.calibration.coverage
+        if (
+            method == "crossfit"
+            and active is not None
+            and active.metrics.get("calibration_method") != "crossfit"
+        ):
+            # The active version trained on everything outside the hold-out: compare the
+            # two on the held-out labels alone, which neither trained on.
+            keep = [
+                i for i, e in enumerate(held_out) if is_held_out(e.input, policy.holdout_fraction)
+            ]
+            held_out = [held_out[i] for i in keep]
+            new_share = calibrate(
+                [evaluation.confidences[i] for i in keep],
+                [evaluation.agrees[i] for i in keep],
+                policy.target_agreement,
+                policy.confidence_level,
+            ).coverage
         active_evaluation = None
         if active is not None:
             try:
@@ -285,7 +339,6 @@ class Workspace:
                 )
             except Exception:
                 log.exception("could not evaluate the active version %s", active.version)
-        new_share = evaluation.calibration.coverage
         old_share = active_evaluation.calibration.coverage if active_evaluation else 0.0
         if promote == "never":
             return RoundResult(
