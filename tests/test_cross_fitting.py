@@ -168,6 +168,10 @@ def test_a_query_never_sees_its_own_folds_memory(rows: int, by_fold: bool) -> No
         sims, found = index.nearest(torch.from_numpy(queries), 10,
                                     torch.from_numpy(query_folds))
         assert (bank_folds[found.numpy()] != query_folds[:, None]).all()
+        # A fold with no rows in the memory (few examples) hides nothing.
+        empty = torch.full((50,), FOLDS, dtype=torch.long)
+        _, anywhere = index.nearest(torch.from_numpy(queries), 10, empty)
+        assert (anywhere[:, 0].numpy() == np.arange(50)).all()  # each query's own row
         exact = queries @ bank.T
         exact[bank_folds[None, :] == query_folds[:, None]] = -np.inf
         best = np.sort(exact, axis=1)[:, ::-1][:, :10]

@@ -199,8 +199,9 @@ class KnnIndex:
             if exclude is not None and self.folds is not None:
                 if self._fold_ranges is not None:
                     for row, fold in enumerate(exclude.tolist()):
-                        start, end = self._fold_ranges[fold]
-                        rough[row, start:end] = float("-inf")
+                        if fold < len(self._fold_ranges):  # else the fold has no rows
+                            start, end = self._fold_ranges[fold]
+                            rough[row, start:end] = float("-inf")
                 else:
                     own = self.folds.unsqueeze(0) == exclude.unsqueeze(1)
                     rough.masked_fill_(own, float("-inf"))
