@@ -97,6 +97,23 @@ def test_float32_serving_gives_exactly_the_out_of_fold_answers(
                                [p.confidence for p in out_of_fold], atol=1e-5)
 
 
+def test_a_fold_without_examples_keeps_the_partition(tmp_path: Path,
+                                                     task: ClassifyTask) -> None:
+    """Few examples can leave a fold empty: the student still routes by all five folds
+    (the partition its out-of-fold answers were made with), and that fold's head, trained
+    on everything, answers its inputs."""
+    train = [e for e in banking_slice()[0] if input_fold(e.input, FOLDS) != FOLDS - 1][:60]
+    trainer = EmbeddingClassifierTrainer(EmbeddingClassifierOptions(quantize="none"))
+    _, out_of_fold = trainer.train_cross_fitted(train, task, tmp_path, FOLDS)
+    student = trainer.load(tmp_path, task)
+    assert isinstance(student.head, FoldedHead) and student.head.folds == FOLDS
+    served = student.predict([e.input for e in train])
+    assert [p.target for p in served] == [p.target for p in out_of_fold]
+    lone = next(f"my card is lost {i}" for i in range(100)
+                if input_fold(f"my card is lost {i}", FOLDS) == FOLDS - 1)
+    assert student.predict([lone])[0].target in {e.target for e in train}
+
+
 def test_cross_fitted_artifact_stores_the_memory_once(
         cross_fitted: tuple[Path, dict[str, Any], list[Prediction], list[Example],
                             list[Example]]) -> None:

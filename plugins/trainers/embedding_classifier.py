@@ -375,7 +375,7 @@ class EmbeddingClassifierTrainer(Trainer):
         encoder = get_encoder(opts.encoder, opts.quantize)
         emb, feats = encoder.encode(texts, opts.layers, opts.max_tokens, opts.batch_size)
         encoded = time.perf_counter()
-        head, pred, conf = cross_fit_heads(emb, feats, y, labels, fold_of, opts)
+        head, pred, conf = cross_fit_heads(emb, feats, y, labels, fold_of, folds, opts)
         targets = self._targets(labels, rendered, task)
         out_of_fold = [Prediction(target=targets[int(i)], confidence=float(c))
                        for i, c in zip(pred, conf, strict=True)]

@@ -489,17 +489,17 @@ class FoldedHead:
 
 
 def cross_fit_heads(emb: np.ndarray, feats: np.ndarray, y: np.ndarray, labels: list[str],
-                    fold_of: np.ndarray, options: HeadOptions
+                    fold_of: np.ndarray, folds: int, options: HeadOptions
                     ) -> tuple[FoldedHead, np.ndarray, np.ndarray]:
-    """Fit one head per fold on the other folds' rows, all over the same label set; return
-    them with every row's out-of-fold (label index, confidence), computed as served.
+    """Fit one head per fold (``fold_of``: each row's, of ``folds``, some possibly empty)
+    on the other folds' rows, all over the same label set; return them with every row's
+    out-of-fold (label index, confidence), computed as served.
 
     The folds' own out-of-fold outputs fit the calibrators, so there is no inner
     cross-fitting (as many logistic fits as ``fit_head``): fold k's calibrator is fitted
-    on the other folds' rows alone, so fold k's labels, which calibrate its threshold,
-    never reach it.
+    on the other folds' rows alone, never on the rows whose labels calibrate fold k's
+    threshold.
     """
-    folds = int(fold_of.max()) + 1
     k_classes = len(labels)
     weights, biases, counts = [], [], []
     for k in range(folds):
