@@ -145,7 +145,7 @@ def eval_version(
 ) -> None:
     """Held-out agreement, the coverage-agreement curve, the threshold and its margin."""
     from gateway.registry import RegistryError
-    from gateway.training import evaluate, load_examples, split
+    from gateway.training import calibration_rows, evaluate, load_examples
 
     workspace = _workspace(config)
     try:
@@ -158,10 +158,7 @@ def eval_version(
         raise _fail(f"{task} has no active version; pass --version")
     policy = workspace.settings.tasks[task].policy
     examples = load_examples(workspace.engine, task)
-    if chosen.metrics.get("calibration_method") == "crossfit":
-        held_out = examples  # each answered by the model of its fold, which never saw it
-    else:
-        _, held_out = split(examples, policy.holdout_fraction)
+    held_out = [examples[i] for i in calibration_rows(chosen, examples, policy.holdout_fraction)]
     if not held_out:
         raise _fail(f"{task}: no held-out teacher labels recorded yet")
     with err.status(f"evaluating {task} {chosen.version} on {len(held_out)} held-out labels…"):

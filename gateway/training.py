@@ -44,6 +44,16 @@ def is_held_out(text: str, fraction: float) -> bool:
     return input_bucket(text) < fraction
 
 
+def calibration_rows(
+    version: StudentVersion, examples: list[Example], fraction: float
+) -> list[int]:
+    """Positions of the examples ``version`` is evaluated on: every one for a cross-fitted
+    version (each answered by a model that never trained on it), else the held-out ones."""
+    if version.metrics.get("calibration_method") == "crossfit":
+        return list(range(len(examples)))
+    return [i for i, e in enumerate(examples) if is_held_out(e.input, fraction)]
+
+
 def load_examples(engine: Engine, task: str) -> list[Example]:
     """Valid teacher targets recorded for ``task`` (requests and audits), one per input:
     the latest answer wins, so a teacher that changed its mind is followed."""
@@ -310,16 +320,14 @@ class Workspace:
         policy = self.settings.tasks[task_name].policy
         active = self.registry.active(task_name)
         new_share = evaluation.calibration.coverage
-        if (
-            method == "crossfit"
-            and active is not None
-            and active.metrics.get("calibration_method") != "crossfit"
-        ):
-            # The active version trained on everything outside the hold-out: compare the
-            # two on the held-out labels alone, which neither trained on.
-            keep = [
-                i for i, e in enumerate(held_out) if is_held_out(e.input, policy.holdout_fraction)
-            ]
+        keep = (
+            calibration_rows(active, held_out, policy.holdout_fraction)
+            if method == "crossfit" and active is not None
+            else range(len(held_out))
+        )
+        if len(keep) < len(held_out):
+            # A hold-out active version trained on everything outside the hold-out: compare
+            # the two on the held-out labels alone, which neither trained on.
             held_out = [held_out[i] for i in keep]
             new_share = calibrate(
                 [evaluation.confidences[i] for i in keep],

@@ -160,8 +160,8 @@ def test_new_inputs_and_batch_parts_route_by_fold(
     assert [parts[i].target for i in range(40)] == [p.target for p in whole[:40]]
 
 
-# The exact search; the int8 index with rows in any order, and sorted by fold (a slice).
-@pytest.mark.parametrize(("rows", "by_fold"), [(600, False), (3000, False), (3000, True)])
+# The exact search (rows in any order), and the int8 index (rows stored in fold order).
+@pytest.mark.parametrize(("rows", "by_fold"), [(600, False), (3000, True)])
 def test_a_query_never_sees_its_own_folds_memory(rows: int, by_fold: bool) -> None:
     rng = np.random.default_rng(0)
     bank = rng.normal(size=(rows, 64)).astype(np.float32)
@@ -193,6 +193,13 @@ def test_a_query_never_sees_its_own_folds_memory(rows: int, by_fold: bool) -> No
         exact[bank_folds[None, :] == query_folds[:, None]] = -np.inf
         best = np.sort(exact, axis=1)[:, ::-1][:, :10]
         np.testing.assert_allclose(sims.numpy(), best, atol=1e-5)
+
+
+def test_the_int8_index_needs_the_memory_in_fold_order() -> None:
+    bank = np.eye(KnnIndex.MIN_ROWS, 64, dtype=np.float32)
+    with pytest.raises(ValueError, match="fold order"):
+        KnnIndex(bank, folds=np.arange(KnnIndex.MIN_ROWS) % FOLDS)
+    KnnIndex(bank, folds=np.sort(np.arange(KnnIndex.MIN_ROWS) % FOLDS))
 
 
 def test_only_a_frozen_encoder_cross_fits(tmp_path: Path, task: ClassifyTask) -> None:

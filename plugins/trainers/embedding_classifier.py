@@ -263,6 +263,12 @@ def contrastive_finetune(encoder: Encoder, texts: Sequence[str], y: np.ndarray,
 # --- trainer and student ----------------------------------------------------------------
 
 
+def predictions(targets: list[Any], pred: np.ndarray, conf: np.ndarray) -> list[Prediction]:
+    """What each label index answers, with its confidence."""
+    return [Prediction(target=targets[int(i)], confidence=float(c))
+            for i, c in zip(pred, conf, strict=True)]
+
+
 class EmbeddingClassifierStudent(Student):
     def __init__(self, encoder: Encoder, head: Head | FoldedHead,
                  options: EmbeddingClassifierOptions, meta: dict[str, Any] | None = None,
@@ -311,8 +317,7 @@ class EmbeddingClassifierStudent(Student):
             pred, conf = self.head.predict(emb, feats, self.options, folds)
         else:
             pred, conf = self.head.predict(emb, feats, self.options)
-        return [Prediction(target=self.targets[int(i)], confidence=float(c))
-                for i, c in zip(pred, conf, strict=True)]
+        return predictions(self.targets, pred, conf)
 
 
 class EmbeddingClassifierTrainer(Trainer):
@@ -375,10 +380,9 @@ class EmbeddingClassifierTrainer(Trainer):
         encoder = get_encoder(opts.encoder, opts.quantize)
         emb, feats = encoder.encode(texts, opts.layers, opts.max_tokens, opts.batch_size)
         encoded = time.perf_counter()
-        head, pred, conf = cross_fit_heads(emb, feats, y, labels, fold_of, folds, opts)
-        targets = self._targets(labels, rendered, task)
-        out_of_fold = [Prediction(target=targets[int(i)], confidence=float(c))
-                       for i, c in zip(pred, conf, strict=True)]
+        head = cross_fit_heads(emb, feats, y, labels, fold_of, folds, opts)
+        pred, conf = head.predict(emb, feats, opts, fold_of)  # each row as served: out of fold
+        out_of_fold = predictions(self._targets(labels, rendered, task), pred, conf)
         figures: dict[str, Any] = {
             "folds": folds,
             "cv_agreement": round(float(np.mean(pred == y)), 4),

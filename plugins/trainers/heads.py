@@ -7,44 +7,14 @@ inputs over one shared memory) that ``calibration: crossfit`` serves.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:  # torch loads lazily: a gateway without students skips it
     import torch
 
-
-class HeadOptions(Protocol):
-    """What the heads read of the trainer's options (``EmbeddingClassifierOptions``)."""
-
-    @property
-    def head(self) -> str: ...
-
-    @property
-    def knn_k(self) -> int: ...
-
-    @property
-    def knn_temperature(self) -> float: ...
-
-    @property
-    def knn_weight(self) -> float: ...
-
-    @property
-    def C(self) -> float: ...
-
-    @property
-    def max_iter(self) -> int: ...
-
-    @property
-    def calibration(self) -> str: ...
-
-    @property
-    def calibration_folds(self) -> int: ...
-
-    @property
-    def seed(self) -> int: ...
-
+    from plugins.trainers.embedding_classifier import EmbeddingClassifierOptions
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, c: float, max_iter: int,
@@ -161,14 +131,17 @@ class KnnIndex:
 
         self.memory = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32))
         self.shortlist = shortlist
-        # Cross-fitted heads share one memory: a query never sees its own fold's rows.
-        # Rows sorted by fold (as cross_fit_heads stores them) are hidden a slice per query.
+        # Cross-fitted heads share one memory: a query never sees its own fold's rows,
+        # which (stored in fold order, as cross_fit_heads does) are one slice to hide.
         self.folds = None if folds is None else torch.from_numpy(folds.astype(np.int64))
-        self._fold_ranges: list[tuple[int, int]] | None = None
-        if folds is not None and len(folds) and bool(np.all(np.diff(folds) >= 0)):
-            ends = np.searchsorted(folds, np.arange(int(folds.max()) + 1), side="right")
-            starts = np.searchsorted(folds, np.arange(int(folds.max()) + 1), side="left")
-            self._fold_ranges = list(zip(starts.tolist(), ends.tolist(), strict=True))
+        self._fold_ranges: list[tuple[int, int]] = []
+        if folds is not None and len(folds):
+            if np.any(np.diff(folds) < 0):
+                raise ValueError("the memory's rows must be stored in fold order")
+            ids = np.arange(int(folds.max()) + 1)
+            self._fold_ranges = list(zip(np.searchsorted(folds, ids, side="left").tolist(),
+                                         np.searchsorted(folds, ids, side="right").tolist(),
+                                         strict=True))
         # Per-row int8, packed for fbgemm's dynamic linear, built directly: through an
         # nn.Linear and quantize_dynamic the float memory would be copied twice on the way.
         scales = (torch.linalg.vector_norm(self.memory, ord=float("inf"), dim=1)
@@ -197,14 +170,10 @@ class KnnIndex:
         with torch.inference_mode():
             rough = self.int8(queries)
             if exclude is not None and self.folds is not None:
-                if self._fold_ranges is not None:
-                    for row, fold in enumerate(exclude.tolist()):
-                        if fold < len(self._fold_ranges):  # else the fold has no rows
-                            start, end = self._fold_ranges[fold]
-                            rough[row, start:end] = float("-inf")
-                else:
-                    own = self.folds.unsqueeze(0) == exclude.unsqueeze(1)
-                    rough.masked_fill_(own, float("-inf"))
+                for row, fold in enumerate(exclude.tolist()):
+                    if fold < len(self._fold_ranges):  # else the fold has no rows
+                        start, end = self._fold_ranges[fold]
+                        rough[row, start:end] = float("-inf")
             shortlist = min(max(self.shortlist, k), rough.shape[1])
             candidates = torch.topk(rough, shortlist, dim=1, sorted=False).indices
             # index_select and a row-wise dot product: 50 µs for 16 queries x 32
@@ -370,7 +339,7 @@ class Head:
             self._index = KnnIndex(self.bank)
         return self._index
 
-    def raw(self, emb: np.ndarray, feats: np.ndarray, options: HeadOptions
+    def raw(self, emb: np.ndarray, feats: np.ndarray, options: EmbeddingClassifierOptions
             ) -> HeadOutput:
         n = len(self.labels)
         p_lr = softmax(feats @ self.lr_weight.T + self.lr_bias)
@@ -378,7 +347,7 @@ class Head:
                           options.knn_temperature, index=self.index)
         return combine(p_lr, p_knn, options.head, options.knn_weight, self.label_counts)
 
-    def predict(self, emb: np.ndarray, feats: np.ndarray, options: HeadOptions
+    def predict(self, emb: np.ndarray, feats: np.ndarray, options: EmbeddingClassifierOptions
                 ) -> tuple[np.ndarray, np.ndarray]:
         """Label index and calibrated confidence per row."""
         out = self.raw(emb, feats, options)
@@ -386,7 +355,7 @@ class Head:
 
 
 def fit_head(emb: np.ndarray, feats: np.ndarray, y: np.ndarray, labels: list[str],
-             options: HeadOptions, calibration_rows: np.ndarray | None = None
+             options: EmbeddingClassifierOptions, calibration_rows: np.ndarray | None = None
              ) -> tuple[Head, dict[str, Any]]:
     """Cross-fit for calibration, fit the calibrator, then fit the served heads on all rows.
 
@@ -463,7 +432,7 @@ class FoldedHead:
             self._index = KnnIndex(self.bank, folds=self.bank_folds)
         return self._index
 
-    def raw(self, emb: np.ndarray, feats: np.ndarray, options: HeadOptions,
+    def raw(self, emb: np.ndarray, feats: np.ndarray, options: EmbeddingClassifierOptions,
             folds: np.ndarray) -> HeadOutput:
         n = len(self.labels)
         p_lr = np.empty((len(folds), n))
@@ -476,7 +445,7 @@ class FoldedHead:
         return combine(p_lr, p_knn, options.head, options.knn_weight,
                        self.label_counts[folds])
 
-    def predict(self, emb: np.ndarray, feats: np.ndarray, options: HeadOptions,
+    def predict(self, emb: np.ndarray, feats: np.ndarray, options: EmbeddingClassifierOptions,
                 folds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Label index and calibrated confidence per row, each by its fold's head."""
         out = self.raw(emb, feats, options, folds)
@@ -489,11 +458,10 @@ class FoldedHead:
 
 
 def cross_fit_heads(emb: np.ndarray, feats: np.ndarray, y: np.ndarray, labels: list[str],
-                    fold_of: np.ndarray, folds: int, options: HeadOptions
-                    ) -> tuple[FoldedHead, np.ndarray, np.ndarray]:
+                    fold_of: np.ndarray, folds: int, options: EmbeddingClassifierOptions
+                    ) -> FoldedHead:
     """Fit one head per fold (``fold_of``: each row's, of ``folds``, some possibly empty)
-    on the other folds' rows, all over the same label set; return them with every row's
-    out-of-fold (label index, confidence), computed as served.
+    on the other folds' rows, all over the same label set.
 
     The folds' own out-of-fold outputs fit the calibrators, so there is no inner
     cross-fitting (as many logistic fits as ``fit_head``): fold k's calibrator is fitted
@@ -525,8 +493,7 @@ def cross_fit_heads(emb: np.ndarray, feats: np.ndarray, y: np.ndarray, labels: l
                            HeadOutput(out.pred[rows], out.score[rows], out.stats[rows]),
                            correct[rows])
             for rows in (fold_of != k for k in range(folds))]
-    pred, conf = head.predict(emb, feats, options, fold_of)
-    return head, pred, conf
+    return head
 
 
 def calibrator_dict(calibrator: Calibrator) -> dict[str, Any]:
