@@ -23,7 +23,10 @@ Streams (../shared/data):
 * ``gold``: Banking77 train.csv with the gold category as the teacher (10,003 rows);
 * ``extract``: NLU++ banking, all folds (2,071 rows, 2,047 distinct texts): the target
   ``{"intents": [sorted], "slots": {name: text}}`` validated by a JSON Schema built
-  from the ontology; student ``embedding-classifier`` (each distinct answer a class);
+  from the ontology; student ``structured-extractor`` (intents as labels, slot values
+  tagged as spans of the input);
+* ``extract-classes``: the same stream with the ``embedding-classifier`` student (each
+  distinct answer a class);
 * ``rewrite``: Disfl-QA test, disfluent question -> original (first ``--rewrite-limit``
   rows after shuffling); student ``lora-lm`` (SmolLM2-135M + LoRA) with a training
   budget, normalised exact match as agreement.
@@ -106,10 +109,10 @@ def stream_args(name: str, work: Path, args: argparse.Namespace) -> tuple[list[s
         path, extra = real_stream(work), classify
     elif name == "gold":
         path, extra = gold_stream(work), classify
-    elif name == "extract":
+    elif name in ("extract", "extract-classes"):
         path, schema = nlupp_stream(work)
-        extra = ["--task", "extract", "--schema", str(schema),
-                 "--trainer", "embedding-classifier"]
+        trainer = "structured-extractor" if name == "extract" else "embedding-classifier"
+        extra = ["--task", "extract", "--schema", str(schema), "--trainer", trainer]
     elif name == "rewrite":
         path = disfl_stream(work)
         extra = ["--task", "rewrite", "--limit", str(args.rewrite_limit),
@@ -188,7 +191,8 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]], argv: list[str]) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--streams", nargs="+", default=["real", "gold", "extract", "rewrite"])
+    parser.add_argument("--streams", nargs="+", default=["real", "gold", "extract", "rewrite"],
+                        choices=["real", "gold", "extract", "extract-classes", "rewrite"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--rewrite-limit", type=int, default=600)

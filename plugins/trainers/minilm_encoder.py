@@ -221,6 +221,36 @@ class Encoder:
                 future.result()
         return emb, feats
 
+    def token_states(self, texts: Sequence[str], layers: Sequence[int], max_tokens: int,
+                     batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per text, (the states of ``layers`` at each of its tokens, tokens x layers x h,
+        float32; each token's character span in the text, tokens x 2, (0, 0) for the
+        special tokens): what a token tagger reads. Passes of ``batch_size`` texts sorted
+        by length, on the calling thread."""
+        import torch
+
+        indices = [self.layer_index(layer) for layer in layers]
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out: list[tuple[np.ndarray, np.ndarray]] = [(np.empty(0), np.empty(0))] * len(texts)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            with self._lock:
+                enc = dict(self.tokenizer([texts[i] for i in chunk], padding=True,
+                                          truncation=True, return_offsets_mapping=True,
+                                          max_length=min(max_tokens, self.max_tokens),
+                                          return_tensors="pt"))
+                if self._direct is None:
+                    self._direct = self._prepare_direct()
+            offsets = enc.pop("offset_mapping").numpy()
+            with torch.inference_mode():
+                states = self._hidden_states(enc)
+                stacked = torch.stack([states[i].float() for i in indices], dim=2).numpy()
+            lengths = enc["attention_mask"].sum(1).tolist()
+            for row, i in enumerate(chunk):
+                n = int(lengths[row])
+                out[i] = (stacked[row, :n].copy(), offsets[row, :n].astype(np.int64))
+        return out
+
     def _encode_chunk(self, texts: list[str], indices: list[int], max_tokens: int,
                       scale: float) -> tuple[np.ndarray, np.ndarray]:
         import torch

@@ -1,0 +1,184 @@
+"""The ``structured-extractor`` trainer: the answer layout learnt from the teacher's
+objects, spans cut from the input at the tagged tokens, cross-fitted artifacts, and a
+training round through the gateway's store (real bundled encoder, NLU++ rows)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gateway.config import load_settings
+from gateway.datasets import import_file
+from gateway.interfaces import Example, input_fold
+from gateway.training import Workspace
+from plugins.extract import ExtractOptions, ExtractTask
+from plugins.trainers.minilm_encoder import get_encoder
+from plugins.trainers.structured_extractor import (
+    ABSENT,
+    META_FILE,
+    WEIGHTS_FILE,
+    StructuredExtractorOptions,
+    StructuredExtractorTrainer,
+    _cut_spans,
+    assemble,
+    learn_layout,
+    token_tags,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "nlupp" / "banking"
+FOLDS = 5
+
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} is missing")
+
+
+def nlupp(limit: int) -> list[tuple[str, dict[str, Any]]]:
+    """The first ``limit`` NLU++ banking rows as (text, {"intents", "slots"})."""
+    rows = []
+    for fold in sorted(DATA.glob("fold*.json"), key=lambda p: int(p.stem[4:])):
+        for row in json.loads(fold.read_text()):
+            rows.append((row["text"], {"intents": sorted(set(row.get("intents", []))),
+                                       "slots": {k: v["text"] for k, v in
+                                                 row.get("slots", {}).items()}}))
+    return rows[:limit]
+
+
+@pytest.fixture(scope="module")
+def task() -> ExtractTask:
+    return ExtractTask("nlupp", ExtractOptions())
+
+
+def test_layout_is_learnt_from_the_answers() -> None:
+    texts = ["pay 5 dollars to Ann", "send Bob money now", "hello", "pay Ann"]
+    targets: list[dict[str, Any]] = [
+        {"intents": ["pay"], "who": {"name": "Ann"}, "urgent": False, "lang": "en"},
+        {"intents": ["send", "money"], "who": {"name": "Bob"}, "urgent": True, "lang": "en"},
+        {"intents": [], "who": {}, "urgent": False},
+        {"intents": ["pay"], "who": {"name": "Ann"}, "urgent": False, "lang": "fr"},
+    ]
+    layout = learn_layout(texts, targets, span_share=0.9)
+    by_path = {".".join(f.path): f for f in layout.fields}
+    assert set(by_path) == {"intents", "who.name", "urgent", "lang"}
+    assert by_path["intents"].kind == "labels"
+    assert by_path["intents"].values == ["money", "pay", "send"]
+    assert not by_path["intents"].in_order  # ["send", "money"] was not sorted
+    assert by_path["who.name"].kind == "span" and not by_path["who.name"].always
+    assert by_path["urgent"].kind == "choice" and by_path["urgent"].always
+    assert by_path["urgent"].values == ["false", "true"]
+    # "en" is not in the input: a choice, with "absent" since one answer leaves it out
+    assert by_path["lang"].kind == "choice" and by_path["lang"].values[-1] == ABSENT
+    assert layout.objects == [["who"]]
+
+    # Each answer is its parts put back together.
+    for target in targets:
+        labels = {0: target["intents"]} if target["intents"] else {}
+        fields = [".".join(f.path) for f in layout.fields]
+        choices = {fields.index("urgent"): json.dumps(target["urgent"]),
+                   fields.index("lang"): json.dumps(target["lang"]) if "lang" in target
+                   else ABSENT}
+        spans = ({fields.index("who.name"): target["who"]["name"]}
+                 if target["who"] else {})
+        assert assemble(layout, labels, choices, spans) == target
+
+
+def test_answers_that_are_not_objects_are_refused() -> None:
+    with pytest.raises(ValueError, match="JSON objects"):
+        learn_layout(["a"], ["a label"], span_share=0.9)
+
+
+@needs_data
+def test_spans_tagged_and_cut_at_token_offsets_give_the_values_back() -> None:
+    rows = [r for r in nlupp(2071) if r[1]["slots"]][:300]
+    layout = learn_layout([t for t, _ in rows], [a for _, a in rows], span_share=0.9)
+    states = get_encoder(StructuredExtractorOptions().encoder).token_states(
+        [t for t, _ in rows], [6], 128, 32)
+    same = 0
+    for (text, answer), (_, offsets) in zip(rows, states, strict=True):
+        tags = token_tags(layout, text, answer, offsets)
+        real = [j for j, (a, b) in enumerate(offsets.tolist()) if b > a]
+        cut = _cut_spans(layout, text, tags, offsets, real)
+        got = {layout.fields[i].path[-1]: value for i, value in cut.items()}
+        same += got == answer["slots"]
+    # (a value that ends inside a word piece comes back as the whole piece)
+    assert same >= 0.95 * len(rows)
+
+
+@pytest.fixture(scope="module")
+def cross_fitted(tmp_path_factory: pytest.TempPathFactory, task: ExtractTask
+                 ) -> tuple[Path, dict[str, Any], list[Any], list[Example]]:
+    if not DATA.is_dir():
+        pytest.skip(f"{DATA} is missing")
+    examples = [Example(t, task.parse_target(json.dumps(a))) for t, a in nlupp(600)]
+    out = tmp_path_factory.mktemp("structured")
+    figures, out_of_fold = StructuredExtractorTrainer().train_cross_fitted(
+        examples, task, out, FOLDS)
+    return out, figures, out_of_fold, examples
+
+
+def test_cross_fitted_student_answers_each_input_out_of_fold(
+        cross_fitted: tuple[Path, dict[str, Any], list[Any], list[Example]],
+        task: ExtractTask) -> None:
+    out, figures, out_of_fold, examples = cross_fitted
+    assert (out / META_FILE).is_file() and (out / WEIGHTS_FILE).is_file()
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["folds"] == FOLDS
+    assert figures["fields"]["intents"] == "labels"
+    assert figures["fields"]["slots.date"] == "span"
+    agree = [task.agree(p.target, e.target) for p, e in zip(out_of_fold, examples,
+                                                             strict=True)]
+    assert figures["cv_agreement"] == pytest.approx(np.mean(agree), abs=1e-4)
+    # 600 rows, answers mostly unseen whole: a class per answer could not get here
+    assert figures["cv_agreement"] > 0.3
+    confident = [a for p, a in zip(out_of_fold, agree, strict=True) if p.confidence > 0.9]
+    assert len(confident) >= 30 and np.mean(confident) > np.mean(agree) + 0.2
+
+    student = StructuredExtractorTrainer().load(out, task)
+    served = student.predict([e.input for e in examples])
+    # float32 encoder: serving an input gives exactly its out-of-fold answer
+    assert [p.target for p in served] == [p.target for p in out_of_fold]
+    assert np.allclose([p.confidence for p in served], [p.confidence for p in out_of_fold],
+                       atol=1e-4)
+    # an unseen input goes to its own fold's model, alone or in a batch
+    fresh = ["I want to transfer 40 euros to Maria tomorrow", "close my account"]
+    alone = [student.predict([text])[0] for text in fresh]
+    assert [p.target for p in student.predict(fresh)] == [p.target for p in alone]
+    assert {input_fold(t, FOLDS) for t in fresh} <= set(range(FOLDS))
+    assert all(set(p.target) == {"intents", "slots"} for p in alone)
+
+
+def test_one_model_without_folds(tmp_path: Path, task: ExtractTask) -> None:
+    if not DATA.is_dir():
+        pytest.skip(f"{DATA} is missing")
+    examples = [Example(t, task.parse_target(json.dumps(a))) for t, a in nlupp(300)]
+    figures = StructuredExtractorTrainer().train(examples, task, tmp_path)
+    assert json.loads((tmp_path / META_FILE).read_text())["folds"] == 1
+    assert figures["train_agreement"] > 0.6  # in sample
+    student = StructuredExtractorTrainer().load(tmp_path, task)
+    answers = student.predict([e.input for e in examples[:50]])
+    assert np.mean([task.agree(p.target, e.target)
+                    for p, e in zip(answers, examples, strict=False)]) > 0.6
+
+
+@needs_data
+def test_a_gateway_round_trains_and_calibrates_it(tmp_path: Path) -> None:
+    settings = load_settings(None, **{
+        "database": f"sqlite:///{tmp_path / 'distill.db'}",
+        "artifacts": str(tmp_path / "artifacts"),
+        "default_teacher": {"model": "openai/unused", "api_base": "http://127.0.0.1:9"},
+        "tasks": {"nlupp": {"plugin": "extract",
+                            "student": {"trainer": "structured-extractor"},
+                            "policy": {"min_examples": 100}}},
+    })
+    workspace = Workspace(settings)
+    stream = tmp_path / "rows.jsonl"
+    stream.write_text("".join(json.dumps({"text": t, "teacher": json.dumps(a)}) + "\n"
+                              for t, a in nlupp(500)))
+    assert import_file(workspace, "nlupp", stream)["valid"] == 500
+    result = workspace.train_round("nlupp", promote="always")
+    assert result.version is not None and result.evaluation is not None
+    assert result.version.trainer == "structured-extractor"
+    assert result.version.metrics["calibration_method"] == "crossfit"
+    assert result.evaluation.calibration.n == result.version.train_examples
