@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from gateway.config import load_settings
 from gateway.datasets import import_file
@@ -125,6 +126,9 @@ def test_cross_fitted_student_answers_each_input_out_of_fold(
     assert (out / META_FILE).is_file() and (out / WEIGHTS_FILE).is_file()
     meta = json.loads((out / META_FILE).read_text())
     assert meta["folds"] == FOLDS
+    weights = load_file(str(out / WEIGHTS_FILE))
+    assert weights["labels_w"].shape[0] == weights["mlp_w1"].shape[0] == FOLDS
+    assert weights["sent_mean"].shape[0] == FOLDS  # each fold scaled on its own rows
     assert figures["fields"]["intents"] == "labels"
     assert figures["fields"]["slots.date"] == "span"
     agree = [task.agree(p.target, e.target) for p, e in zip(out_of_fold, examples,
@@ -153,8 +157,10 @@ def test_one_model_without_folds(tmp_path: Path, task: ExtractTask) -> None:
     if not DATA.is_dir():
         pytest.skip(f"{DATA} is missing")
     examples = [Example(t, task.parse_target(json.dumps(a))) for t, a in nlupp(300)]
-    figures = StructuredExtractorTrainer().train(examples, task, tmp_path)
+    trainer = StructuredExtractorTrainer(StructuredExtractorOptions(labels_mlp_hidden=0))
+    figures = trainer.train(examples, task, tmp_path)
     assert json.loads((tmp_path / META_FILE).read_text())["folds"] == 1
+    assert "mlp_w1" not in load_file(str(tmp_path / WEIGHTS_FILE))  # the regressions alone
     assert figures["train_agreement"] > 0.6  # in sample
     student = StructuredExtractorTrainer().load(tmp_path, task)
     answers = student.predict([e.input for e in examples[:50]])

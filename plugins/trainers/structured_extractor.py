@@ -80,6 +80,16 @@ class StructuredExtractorOptions(BaseModel):
                              "squared weights, beside the mean loss) of the label and "
                              "choice classifiers")
     tagger_l2: float = Field(default=1e-4, ge=0, description="L2 penalty of the span tagger")
+    labels_mlp_hidden: int = Field(
+        default=512, ge=0, description="units of a one-hidden-layer network averaged with "
+        "the label sets' logistic regressions (0: the regressions alone; on NLU++ the "
+        "average served 0.34 at 0.97 against 0.31, either alone 0.31-0.32)")
+    labels_mlp_epochs: int = Field(default=40, gt=0, description="passes over the rows, "
+                                   "in batches of 64 (AdamW, learning rate 1e-3)")
+    labels_mlp_dropout: float = Field(default=0.2, ge=0, lt=1, description="dropout on the "
+                                      "network's input and hidden layer")
+    seed: int = Field(default=0, description="seed of the network's initialisation, "
+                      "batches and dropout")
     max_iter: int = Field(default=30, gt=0, description="L-BFGS iterations per fit (stopping "
                           "early regularises: on NLU++ 30 served 0.31 at 0.97, 60 0.31, 200 "
                           "0.30, in a quarter of 200's time)")
@@ -311,6 +321,45 @@ class FoldModel:
     choice_b: list[np.ndarray]
     tagger_w: np.ndarray
     tagger_b: np.ndarray
+    mlp: list[np.ndarray] = field(default_factory=list)  # w1, b1, w2, b2; empty: none
+
+    def label_probs(self, x: np.ndarray) -> np.ndarray:
+        probs = _sigmoid(x @ self.labels_w + self.labels_b)
+        if self.mlp:
+            from scipy.special import erf
+
+            w1, b1, w2, b2 = self.mlp
+            h = x @ w1 + b1
+            h = 0.5 * h * (1.0 + erf(h / np.sqrt(2.0)))  # GELU, as torch computes it
+            probs = (probs + _sigmoid(h @ w2 + b2)) / 2
+        return probs
+
+
+def _fit_mlp(x: np.ndarray, y: np.ndarray, opts: StructuredExtractorOptions
+             ) -> list[np.ndarray]:
+    """A one-hidden-layer multi-label network (dropout, GELU), trained by AdamW."""
+    import torch
+
+    with torch.random.fork_rng(), torch.enable_grad():
+        torch.manual_seed(opts.seed)
+        first = torch.nn.Linear(x.shape[1], opts.labels_mlp_hidden)
+        second = torch.nn.Linear(opts.labels_mlp_hidden, y.shape[1])
+        net = torch.nn.Sequential(torch.nn.Dropout(opts.labels_mlp_dropout), first,
+                                  torch.nn.GELU(), torch.nn.Dropout(opts.labels_mlp_dropout),
+                                  second)
+        optimiser = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        yt = torch.from_numpy(y.astype(np.float32))
+        for _ in range(opts.labels_mlp_epochs):
+            order = torch.randperm(len(xt))
+            for start in range(0, len(xt), 64):
+                batch = order[start:start + 64]
+                optimiser.zero_grad()
+                torch.nn.functional.binary_cross_entropy_with_logits(
+                    net(xt[batch]), yt[batch]).backward()
+                optimiser.step()
+    return [first.weight.detach().numpy().T.copy(), first.bias.detach().numpy().copy(),
+            second.weight.detach().numpy().T.copy(), second.bias.detach().numpy().copy()]
 
 
 def fit_model(layout: Layout, enc: Encoded, targets: list[dict[str, Any]],
@@ -348,7 +397,8 @@ def fit_model(layout: Layout, enc: Encoded, targets: list[dict[str, Any]],
     else:
         tagger_w = np.zeros((enc.tokens[0].shape[1], 1), np.float32)
         tagger_b = np.zeros(1, np.float32)
-    return FoldModel(scales, labels_w, labels_b, choice_w, choice_b, tagger_w, tagger_b)
+    mlp = _fit_mlp(x, y, opts) if columns and opts.labels_mlp_hidden > 0 else []
+    return FoldModel(scales, labels_w, labels_b, choice_w, choice_b, tagger_w, tagger_b, mlp)
 
 
 def predict_rows(layout: Layout, model: FoldModel, enc: Encoded, texts: list[str],
@@ -358,7 +408,7 @@ def predict_rows(layout: Layout, model: FoldModel, enc: Encoded, texts: list[str
         return []
     scales = model.scales
     x = (enc.sentences[rows] - scales.sent_mean) / scales.sent_scale
-    p_labels = _sigmoid(x @ model.labels_w + model.labels_b)
+    p_labels = model.label_probs(x)
     p_choices = [_softmax(x @ w + b) for w, b in zip(model.choice_w, model.choice_b,
                                                      strict=True)]
     columns = layout.label_columns
@@ -506,6 +556,9 @@ class StructuredExtractorTrainer(Trainer):
                    "labels_b": np.stack([m.labels_b for m in models]),
                    "tagger_w": np.stack([m.tagger_w for m in models]),
                    "tagger_b": np.stack([m.tagger_b for m in models])}
+        if models[0].mlp:
+            for j, name in enumerate(("mlp_w1", "mlp_b1", "mlp_w2", "mlp_b2")):
+                tensors[name] = np.stack([m.mlp[j] for m in models])
         for c in range(len(layout.choices)):
             tensors[f"choice{c}_w"] = np.stack([m.choice_w[c] for m in models])
             tensors[f"choice{c}_b"] = np.stack([m.choice_b[c] for m in models])
@@ -539,7 +592,9 @@ class StructuredExtractorTrainer(Trainer):
                             t["labels_w"][k], t["labels_b"][k],
                             [t[f"choice{c}_w"][k] for c in range(len(layout.choices))],
                             [t[f"choice{c}_b"][k] for c in range(len(layout.choices))],
-                            t["tagger_w"][k], t["tagger_b"][k])
+                            t["tagger_w"][k], t["tagger_b"][k],
+                            [t[name][k] for name in ("mlp_w1", "mlp_b1", "mlp_w2", "mlp_b2")
+                             if name in t])
                   for k in range(int(meta["folds"]))]
         encoder = get_encoder(opts.encoder, opts.quantize)
         if encoder.hidden_size != meta["encoder"]["hidden_size"]:
