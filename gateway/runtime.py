@@ -7,7 +7,13 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from gateway.config import ConfigError, Settings, TeacherConfig, format_validation_error
+from gateway.config import (
+    ConfigError,
+    Settings,
+    StudentConfig,
+    TeacherConfig,
+    format_validation_error,
+)
 from gateway.curation import build_chain
 from gateway.interfaces import Filter, Task
 from gateway.metrics import GatewayMetrics
@@ -48,6 +54,27 @@ class TaskRuntime:
         self.metric_label = self.name if self.name is not None else "(passthrough)"
 
 
+def _check_student(name: str, student: StudentConfig, default: str | None,
+                   plugins: Plugins) -> None:
+    """A misspelt trainer or a bad trainer option is a config error at start-up, not a
+    failed training round hours later."""
+    trainer = student.trainer or default
+    if trainer is None:
+        return
+    try:
+        trainer_class = plugins.trainers.get(trainer)
+    except KeyError as exc:
+        key = "trainer" if student.trainer else "trainer (the task's default)"
+        raise ConfigError(
+            f"invalid configuration:\n  tasks.{name}.student.{key}: {exc.args[0]}"
+        ) from None
+    try:
+        trainer_class.Options.model_validate(student.options)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(
+            exc, trainer_class.Options, ("tasks", name, "student", "options"))) from None
+
+
 def build_tasks(
     settings: Settings, plugins: Plugins, metrics: GatewayMetrics | None = None
 ) -> tuple[dict[str, TaskRuntime], TaskRuntime | None]:
@@ -77,6 +104,7 @@ def build_tasks(
             raise ConfigError(
                 format_validation_error(exc, task_class.Options, ("tasks", name, "options"))
             ) from None
+        _check_student(name, config.student, task_class.default_trainer, plugins)
         teacher = config.teacher or settings.default_teacher
         if teacher is None:
             raise ConfigError(

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -29,7 +30,10 @@ def test_issue_example_config_validates() -> None:
     assert settings.default_teacher is not None
     assert settings.default_teacher.model == "openai/gpt-4o-mini"
     tasks, passthrough = build_tasks(settings, load_plugins())
-    assert set(tasks) == {"support-intents"} and passthrough is not None
+    assert set(tasks) == {"support-intents", "banking-requests"} and passthrough is not None
+    extract = settings.tasks["banking-requests"]
+    assert extract.plugin == "extract" and extract.teacher is None  # the default teacher
+    assert extract.student.trainer == "structured-extractor"
 
 
 def test_embedded_defaults() -> None:
@@ -150,6 +154,29 @@ def test_task_plugin_and_options_are_checked(tmp_path: Path) -> None:
     no_teacher = load_settings(write(tmp_path, "tasks:\n  t: {plugin: classify}\n"))
     with pytest.raises(ConfigError, match=r"tasks\.t\.teacher: required"):
         build_tasks(no_teacher, plugins)
+
+
+def test_student_trainer_and_its_options_are_checked(tmp_path: Path) -> None:
+    plugins = load_plugins()
+
+    def settings(student: str) -> Any:
+        return load_settings(write(tmp_path, "default_teacher: {model: m}\ntasks:\n  t:\n"
+                                   f"    plugin: extract\n    student: {student}\n"))
+
+    with pytest.raises(ConfigError, match=r"tasks\.t\.student\.trainer: unknown trainer "
+                       r"'structured-extractr' \(registered: embedding-classifier, lora-lm, "
+                       r"structured-extractor"):
+        build_tasks(settings("{trainer: structured-extractr}"), plugins)
+    with pytest.raises(ConfigError, match=r"tasks\.t\.student\.options\.max_iter: Input "
+                       r"should be greater than 0"):
+        build_tasks(settings("{trainer: structured-extractor, options: {max_iter: 0}}"),
+                    plugins)
+    # no trainer named: the task's default (lora-lm for extract) checks the options
+    with pytest.raises(ConfigError, match=r"tasks\.t\.student\.options\.rnk: unknown key"):
+        build_tasks(settings("{options: {rnk: 8}}"), plugins)
+    tasks, _ = build_tasks(settings("{trainer: structured-extractor, options: "
+                                    "{labels_mlp_hidden: 0}}"), plugins)
+    assert tasks["t"].task.default_trainer == "lora-lm"
 
 
 def test_check_config_cli(tmp_path: Path) -> None:
