@@ -1,20 +1,23 @@
 """The ``structured-extractor`` trainer: the answer layout learnt from the teacher's
-objects, spans cut from the input at the tagged tokens, cross-fitted artifacts, and a
-training round through the gateway's store (real bundled encoder, NLU++ rows)."""
+objects, spans cut from the input at the tagged tokens, cross-fitted artifacts, and the
+gateway training it on its own traffic and serving it (real bundled encoder, NLU++ rows,
+the official SDK over loopback)."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openai
 import pytest
 from safetensors.numpy import load_file
 
-from gateway.config import load_settings
-from gateway.datasets import import_file
+from gateway.app import create_app
 from gateway.interfaces import Example, input_fold
+from gateway.testing.teacher_server import TeacherServer
 from gateway.training import Workspace
 from plugins.extract import ExtractOptions, ExtractTask
 from plugins.trainers.minilm_encoder import get_encoder
@@ -29,6 +32,8 @@ from plugins.trainers.structured_extractor import (
     learn_layout,
     token_tags,
 )
+from tests.conftest import make_settings
+from tests.servers import GatewayServer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "nlupp" / "banking"
 FOLDS = 5
@@ -169,22 +174,50 @@ def test_one_model_without_folds(tmp_path: Path, task: ExtractTask) -> None:
 
 
 @needs_data
-def test_a_gateway_round_trains_and_calibrates_it(tmp_path: Path) -> None:
-    settings = load_settings(None, **{
-        "database": f"sqlite:///{tmp_path / 'distill.db'}",
-        "artifacts": str(tmp_path / "artifacts"),
-        "default_teacher": {"model": "openai/unused", "api_base": "http://127.0.0.1:9"},
-        "tasks": {"nlupp": {"plugin": "extract",
-                            "student": {"trainer": "structured-extractor"},
-                            "policy": {"min_examples": 100}}},
-    })
-    workspace = Workspace(settings)
-    stream = tmp_path / "rows.jsonl"
-    stream.write_text("".join(json.dumps({"text": t, "teacher": json.dumps(a)}) + "\n"
-                              for t, a in nlupp(500)))
-    assert import_file(workspace, "nlupp", stream)["valid"] == 500
-    result = workspace.train_round("nlupp", promote="always")
-    assert result.version is not None and result.evaluation is not None
-    assert result.version.trainer == "structured-extractor"
-    assert result.version.metrics["calibration_method"] == "crossfit"
-    assert result.evaluation.calibration.n == result.version.train_examples
+def test_the_gateway_trains_it_on_its_traffic_and_serves_it(tmp_path: Path,
+                                                            teacher: TeacherServer) -> None:
+    """Teacher traffic through the real gateway (official SDK over loopback), a training
+    round calibrated on every curated label out of fold, the running gateway picking the
+    student up and answering confident requests with it."""
+    rows = dict(nlupp(500))
+    teacher.responder = lambda body: json.dumps(rows[body["messages"][-1]["content"]])
+    settings = make_settings(tmp_path, teacher, server={"registry_poll_s": 0.1},
+                             loop={"enabled": False},
+                             tasks={"nlupp": {"plugin": "extract",
+                                              "student": {"trainer": "structured-extractor"},
+                                              "filters": ["valid", "length"],
+                                              "policy": {"min_examples": 100,
+                                                         "target_agreement": 0.9}}})
+    app = create_app(settings)
+    with GatewayServer(app) as gateway:
+        client = openai.OpenAI(base_url=gateway.base_url, api_key="k", max_retries=0)
+
+        def ask(text: str) -> Any:
+            return client.chat.completions.with_raw_response.create(
+                model="nlupp", messages=[{"role": "user", "content": text}])
+
+        for text in rows:
+            assert ask(text).headers["x-distill-served-by"] == "teacher"
+        assert app.state.runtime.store.flush(10)
+        result = Workspace(settings).train_round("nlupp")
+        assert result.promoted, result.reason
+        assert result.version is not None and result.evaluation is not None
+        assert result.version.trainer == "structured-extractor"
+        assert result.version.metrics["calibration_method"] == "crossfit"
+        assert result.evaluation.calibration.n == result.version.train_examples == len(rows)
+        threshold = result.evaluation.calibration.threshold
+        assert threshold is not None
+        deadline = time.monotonic() + 10
+        while (app.state.runtime.students.get("nlupp") is None
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        served = 0
+        for text in list(rows)[:100]:
+            raw = ask(text)
+            if raw.headers["x-distill-served-by"] != "student":
+                continue
+            served += 1
+            assert float(raw.headers["x-distill-confidence"]) >= threshold
+            answer = json.loads(raw.parse().choices[0].message.content)
+            assert set(answer) == {"intents", "slots"}  # an object of the teacher's shape
+        assert served > 0
