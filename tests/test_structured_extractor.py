@@ -217,7 +217,8 @@ def test_the_gateway_trains_it_on_its_traffic_and_serves_it(tmp_path: Path,
             if raw.headers["x-distill-served-by"] != "student":
                 continue
             served += 1
-            assert float(raw.headers["x-distill-confidence"]) >= threshold
+            # (the header carries four decimals)
+            assert float(raw.headers["x-distill-confidence"]) >= round(threshold, 4) - 1e-4
             answer = json.loads(raw.parse().choices[0].message.content)
             assert set(answer) == {"intents", "slots"}  # an object of the teacher's shape
         assert served > 0
