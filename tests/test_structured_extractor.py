@@ -69,8 +69,12 @@ def test_layout_is_learnt_from_the_answers() -> None:
     by_path = {".".join(f.path): f for f in layout.fields}
     assert set(by_path) == {"intents", "who.name", "urgent", "lang"}
     assert by_path["intents"].kind == "labels"
-    assert by_path["intents"].values == ["money", "pay", "send"]
-    assert not by_path["intents"].in_order  # ["send", "money"] was not sorted
+    # in the teacher's order: "money" came after "send" (mean places 0, 0, 0.5)
+    assert by_path["intents"].values == ["pay", "send", "money"]
+    # a teacher that sorts its lists gets them sorted, whatever places they take
+    in_order = learn_layout(["x"] * 3, [{"l": ["a", "b", "c", "d"]}, {"l": ["c"]}, {"l": ["b"]}],
+                            span_share=0.9)
+    assert in_order.fields[0].values == ["a", "b", "c", "d"]
     assert by_path["who.name"].kind == "span" and not by_path["who.name"].always
     assert by_path["urgent"].kind == "choice" and by_path["urgent"].always
     assert by_path["urgent"].values == ["false", "true"]
@@ -80,7 +84,9 @@ def test_layout_is_learnt_from_the_answers() -> None:
 
     # Each answer is its parts put back together.
     for target in targets:
-        labels = {0: target["intents"]} if target["intents"] else {}
+        # the student emits a field's labels in column order: the teacher's order back
+        chosen = [label for _, label in layout.label_columns if label in target["intents"]]
+        labels = {0: chosen} if chosen else {}
         fields = [".".join(f.path) for f in layout.fields]
         choices = {fields.index("urgent"): json.dumps(target["urgent"]),
                    fields.index("lang"): json.dumps(target["lang"]) if "lang" in target
