@@ -27,9 +27,11 @@ Streams (../shared/data):
   tagged as spans of the input);
 * ``extract-classes``: the same stream with the ``embedding-classifier`` student (each
   distinct answer a class);
-* ``rewrite``: Disfl-QA test, disfluent question -> original (first ``--rewrite-limit``
-  rows after shuffling); student ``lora-lm`` (SmolLM2-135M + LoRA) with a training
-  budget, normalised exact match as agreement.
+* ``rewrite``: Disfl-QA test, disfluent question -> original (3,643 rows), normalised
+  exact match as agreement; student ``deletion-tagger`` (the words to drop, picked on
+  frozen MiniLM states);
+* ``rewrite-lm``: the first ``--rewrite-limit`` rows of it with the ``lora-lm`` student
+  (SmolLM2-135M + LoRA) and a training budget per round.
 
 Writes ``economics.json`` (every report in full) and ``economics.md`` (the table).
 """
@@ -114,8 +116,10 @@ def stream_args(name: str, work: Path, args: argparse.Namespace) -> tuple[list[s
         trainer = "structured-extractor" if name == "extract" else "embedding-classifier"
         extra = ["--task", "extract", "--schema", str(schema), "--trainer", trainer]
     elif name == "rewrite":
+        path, extra = disfl_stream(work), ["--task", "rewrite", "--trainer", "deletion-tagger"]
+    elif name == "rewrite-lm":
         path = disfl_stream(work)
-        extra = ["--task", "rewrite", "--limit", str(args.rewrite_limit),
+        extra = ["--task", "rewrite", "--trainer", "lora-lm", "--limit", str(args.rewrite_limit),
                  "--min-examples", str(args.rewrite_min_examples),
                  "--retrain-every", str(args.rewrite_limit),
                  "--trainer-options", json.dumps({"max_train_seconds": args.rewrite_budget,
@@ -123,7 +127,7 @@ def stream_args(name: str, work: Path, args: argparse.Namespace) -> tuple[list[s
     else:
         raise SystemExit(f"unknown stream {name!r}")
     lines = sum(1 for line in path.read_text().splitlines() if line.strip())
-    if name == "rewrite":
+    if name == "rewrite-lm":
         lines = min(lines, args.rewrite_limit)
     return ["--stream", str(path), *extra], lines
 
@@ -192,7 +196,8 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]], argv: list[str]) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", nargs="+", default=["real", "gold", "extract", "rewrite"],
-                        choices=["real", "gold", "extract", "extract-classes", "rewrite"])
+                        choices=["real", "gold", "extract", "extract-classes", "rewrite",
+                                 "rewrite-lm"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--rewrite-limit", type=int, default=600)

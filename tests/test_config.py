@@ -30,10 +30,13 @@ def test_issue_example_config_validates() -> None:
     assert settings.default_teacher is not None
     assert settings.default_teacher.model == "openai/gpt-4o-mini"
     tasks, passthrough = build_tasks(settings, load_plugins())
-    assert set(tasks) == {"support-intents", "banking-requests"} and passthrough is not None
+    assert set(tasks) == {"support-intents", "banking-requests", "clean-questions"}
+    assert passthrough is not None
     extract = settings.tasks["banking-requests"]
     assert extract.plugin == "extract" and extract.teacher is None  # the default teacher
     assert extract.student.trainer == "structured-extractor"
+    rewrite = settings.tasks["clean-questions"]
+    assert rewrite.plugin == "rewrite" and rewrite.student.trainer == "deletion-tagger"
 
 
 def test_embedded_defaults() -> None:
@@ -164,7 +167,8 @@ def test_student_trainer_and_its_options_are_checked(tmp_path: Path) -> None:
                                    f"    plugin: extract\n    student: {student}\n"))
 
     with pytest.raises(ConfigError, match=r"tasks\.t\.student\.trainer: unknown trainer "
-                       r"'structured-extractr' \(registered: embedding-classifier, lora-lm, "
+                       r"'structured-extractr' \(registered: deletion-tagger, "
+                       r"embedding-classifier, lora-lm, "
                        r"structured-extractor"):
         build_tasks(settings("{trainer: structured-extractr}"), plugins)
     with pytest.raises(ConfigError, match=r"tasks\.t\.student\.options\.max_iter: Input "
