@@ -24,6 +24,7 @@ from plugins.trainers.deletion_tagger import (
     WEIGHTS_FILE,
     DeletionTaggerTrainer,
     deleted_span,
+    join_kept,
     keep_tags,
     pair_features,
     words,
@@ -74,6 +75,14 @@ def test_labels_come_from_the_teachers_answers(task: RewriteTask) -> None:
     # two deleted runs: derivable, but not one span
     two = keep_tags("Who um won the uh cup?", "Who won the cup?", task)
     assert two is not None and deleted_span(two) is None
+
+
+def test_kept_words_keep_their_spacing() -> None:
+    text = "Line one uh\nline  two"
+    spans = words(text)
+    assert join_kept(text, spans, np.array([1, 1, 0, 1, 1])) == "Line one line  two"
+    assert join_kept(text, spans, np.array([1, 1, 1, 1, 0])) == "Line one uh\nline"
+    assert join_kept(text, spans, np.array([0, 0, 0, 0, 0])) == ""
 
 
 def test_pair_features_mark_a_restart() -> None:

@@ -108,7 +108,18 @@ def words(text: str) -> list[tuple[int, int]]:
 
 
 def join_kept(text: str, spans: list[tuple[int, int]], keep: np.ndarray) -> str:
-    return " ".join(text[a:b] for (a, b), k in zip(spans, keep.tolist(), strict=True) if k)
+    """The kept words: neighbours in the input keep the whitespace between them (a line
+    break stays one), words brought together by a deletion get one space."""
+    parts: list[str] = []
+    previous = -2
+    for index, ((a, b), k) in enumerate(zip(spans, keep.tolist(), strict=True)):
+        if not k:
+            continue
+        if parts:
+            parts.append(text[spans[previous][1]:a] if previous == index - 1 else " ")
+        parts.append(text[a:b])
+        previous = index
+    return "".join(parts)
 
 
 def keep_tags(text: str, target: str, task: Task) -> np.ndarray | None:
@@ -297,7 +308,8 @@ def fit_model(enc: Encoded, gold: list[tuple[int, int] | None], rows: np.ndarray
     sent_mean, sent_scale = sentences.mean(0), sentences.std(0) + 1e-6
     dw, db = _fit((sentences - sent_mean) / sent_scale, learnable[:, None], opts.derivable_l2,
                   opts.max_iter, True, 1)
-    spanned = [int(r) for r in rows if gold[r] is not None and enc.keys[r]]
+    # (an input past the encoder's window has words without states: not learnt)
+    spanned = [int(r) for r in rows if gold[r] is not None and enc.keys[r] and enc.complete[r]]
     width = enc.words[0].shape[1]
     x = (np.concatenate([enc.words[r] for r in spanned]) if spanned
          else np.zeros((1, width), np.float32))
