@@ -53,10 +53,16 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.hookspecs import hookimpl
-from gateway.interfaces import Example, Prediction, Student, Task, Trainer, input_fold
+from gateway.interfaces import Example, Prediction, Student, Task, Trainer
 from plugins.rewrite import normalise
+from plugins.trainers.cross_fit import (
+    assign_folds,
+    fit_folds,
+    fit_linear,
+    predict_by_fold,
+    sigmoid,
+)
 from plugins.trainers.minilm_encoder import BUNDLED_ENCODER, Encoder, Quantize, get_encoder
-from plugins.trainers.structured_extractor import _fit, _sigmoid
 
 log = logging.getLogger("distill_gateway.deletion_tagger")
 
@@ -306,7 +312,7 @@ def fit_model(enc: Encoded, gold: list[tuple[int, int] | None], rows: np.ndarray
     learnable = np.array([gold[r] is not None for r in rows], dtype=np.float32)
     sentences = enc.sentences[rows]
     sent_mean, sent_scale = sentences.mean(0), sentences.std(0) + 1e-6
-    dw, db = _fit((sentences - sent_mean) / sent_scale, learnable[:, None], opts.derivable_l2,
+    dw, db = fit_linear((sentences - sent_mean) / sent_scale, learnable[:, None], opts.derivable_l2,
                   opts.max_iter, True, 1)
     # (an input past the encoder's window has words without states: not learnt)
     spanned = [int(r) for r in rows if gold[r] is not None and enc.keys[r] and enc.complete[r]]
@@ -356,7 +362,7 @@ def predict_rows(model: FoldModel, enc: Encoded, texts: list[str], rows: list[in
     if not rows:
         return []
     x = (enc.sentences[rows] - model.sent_mean) / model.sent_scale
-    p_learnable = dict(zip(rows, _sigmoid(x @ model.derivable_w + model.derivable_b)[:, 0],
+    p_learnable = dict(zip(rows, sigmoid(x @ model.derivable_w + model.derivable_b)[:, 0],
                            strict=True))
     w = {name: torch.from_numpy(np.asarray(v)) for name, v in model.span.items()}
     out: dict[int, Prediction] = {}
@@ -398,15 +404,8 @@ class DeletionTaggerStudent(Student):
         if not inputs:
             return []
         enc = encode(self.encoder, inputs, self.options)
-        folds = len(self.models)
-        fold_of = [input_fold(t, folds) if folds > 1 else 0 for t in inputs]
-        out: list[Prediction | None] = [None] * len(inputs)
-        for k, model in enumerate(self.models):
-            rows = [i for i, f in enumerate(fold_of) if f == k]
-            for i, p in zip(rows, predict_rows(model, enc, inputs, rows, self.options),
-                            strict=True):
-                out[i] = p
-        return [p for p in out if p is not None]
+        return predict_by_fold(inputs, self.models, lambda model, rows: predict_rows(
+            model, enc, inputs, rows, self.options))
 
 
 class DeletionTaggerTrainer(Trainer):
@@ -445,21 +444,9 @@ class DeletionTaggerTrainer(Trainer):
         encoder = get_encoder(opts.encoder, opts.quantize)
         enc = encode(encoder, texts, opts)
         encoded = time.perf_counter()
-        fold_of = (np.array([input_fold(t, folds) for t in texts]) if folds > 1
-                   else np.zeros(len(texts), dtype=np.int64))
-        if folds > 1 and any((fold_of != k).sum() == 0 for k in range(folds)):
-            raise ValueError(f"{len(examples)} examples all fall in one fold: too few to "
-                             "cross-fit")
-        models = []
-        out_of_fold: list[Prediction | None] = [None] * len(examples)
-        for k in range(folds):
-            train_rows = np.flatnonzero(fold_of != k) if folds > 1 else np.arange(len(texts))
-            model = fit_model(enc, gold, train_rows, opts)
-            models.append(model)
-            rows = np.flatnonzero(fold_of == k).tolist()
-            for i, p in zip(rows, predict_rows(model, enc, texts, rows, opts), strict=True):
-                out_of_fold[i] = p
-        predictions = [p for p in out_of_fold if p is not None]
+        models, predictions = fit_folds(
+            assign_folds(texts, folds), folds, lambda rows: fit_model(enc, gold, rows, opts),
+            lambda model, rows: predict_rows(model, enc, texts, rows, opts))
         agree = [task.agree(p.target, e.target) for p, e in zip(predictions, examples,
                                                                 strict=True)]
         figures: dict[str, Any] = {

@@ -47,7 +47,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.hookspecs import hookimpl
-from gateway.interfaces import Example, Prediction, Student, Task, Trainer, input_fold
+from gateway.interfaces import Example, Prediction, Student, Task, Trainer
+from plugins.trainers.cross_fit import (
+    assign_folds,
+    fit_folds,
+    fit_linear,
+    predict_by_fold,
+    sigmoid,
+)
 from plugins.trainers.heads import softmax
 from plugins.trainers.minilm_encoder import BUNDLED_ENCODER, Encoder, Quantize, get_encoder
 
@@ -264,39 +271,6 @@ def token_tags(layout: Layout, text: str, target: dict[str, Any], offsets: np.nd
     return tags
 
 
-def _fit(x: np.ndarray, y: np.ndarray, l2: float, max_iter: int, multi_label: bool,
-         classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """L2 logistic regression by full-batch L-BFGS: softmax over ``classes``, or one
-    sigmoid per column of a 0/1 ``y``. Returns (weight dim x outputs, bias outputs)."""
-    import torch
-
-    with torch.enable_grad():
-        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        yt = torch.from_numpy(y.astype(np.float32 if multi_label else np.int64))
-        w = torch.zeros(x.shape[1], classes, requires_grad=True)
-        b = torch.zeros(classes, requires_grad=True)
-        if len(x) == 0 or (not multi_label and classes < 2):
-            return w.detach().numpy(), b.detach().numpy()
-        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
-                                tolerance_grad=1e-6, tolerance_change=1e-8,
-                                line_search_fn="strong_wolfe")
-        loss_fn = (torch.nn.functional.binary_cross_entropy_with_logits if multi_label
-                   else torch.nn.functional.cross_entropy)
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = loss_fn(xt @ w + b, yt) + l2 * (w * w).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        return w.detach().numpy(), b.detach().numpy()
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return np.asarray(1.0 / (1.0 + np.exp(-np.clip(z, -60, 60))))
-
-
 @dataclass
 class Scales:
     """Feature means and scales, from the rows a model trains on only: centring on every
@@ -331,14 +305,14 @@ class FoldModel:
     mlp: list[np.ndarray] = field(default_factory=list)  # w1, b1, w2, b2; empty: none
 
     def label_probs(self, x: np.ndarray) -> np.ndarray:
-        probs = _sigmoid(x @ self.labels_w + self.labels_b)
+        probs = sigmoid(x @ self.labels_w + self.labels_b)
         if self.mlp:
             from scipy.special import erf
 
             w1, b1, w2, b2 = self.mlp
             h = x @ w1 + b1
             h = 0.5 * h * (1.0 + erf(h / np.sqrt(2.0)))  # GELU, as torch computes it
-            probs = (probs + _sigmoid(h @ w2 + b2)) / 2
+            probs = (probs + sigmoid(h @ w2 + b2)) / 2
         return probs
 
 
@@ -381,7 +355,7 @@ def fit_model(layout: Layout, enc: Encoded, targets: list[dict[str, Any]],
         for c, (i, label) in enumerate(columns):
             found, value = _get(targets[row], layout.fields[i].path)
             y[r, c] = float(found and isinstance(value, list) and label in value)
-    labels_w, labels_b = (_fit(x, y, opts.labels_l2, opts.max_iter, True, len(columns))
+    labels_w, labels_b = (fit_linear(x, y, opts.labels_l2, opts.max_iter, True, len(columns))
                           if columns else (np.zeros((x.shape[1], 0), np.float32),
                                            np.zeros(0, np.float32)))
     choice_w, choice_b = [], []
@@ -392,7 +366,7 @@ def fit_model(layout: Layout, enc: Encoded, targets: list[dict[str, Any]],
         for row in rows.tolist():
             found, value = _get(targets[row], f.path)
             yc.append(index.get(_render(value) if found else ABSENT, 0))
-        w, b = _fit(x, np.array(yc), opts.labels_l2, opts.max_iter, False, len(f.values))
+        w, b = fit_linear(x, np.array(yc), opts.labels_l2, opts.max_iter, False, len(f.values))
         choice_w.append(w)
         choice_b.append(b)
     tags = 1 + 2 * len(layout.spans)
@@ -400,7 +374,7 @@ def fit_model(layout: Layout, enc: Encoded, targets: list[dict[str, Any]],
         xt = (np.concatenate([enc.tokens[r] for r in rows]) - scales.tok_mean) / scales.tok_scale
         yt = np.concatenate([token_tags(layout, texts[r], targets[r], enc.offsets[r])
                              for r in rows])
-        tagger_w, tagger_b = _fit(xt, yt, opts.tagger_l2, opts.max_iter, False, tags)
+        tagger_w, tagger_b = fit_linear(xt, yt, opts.tagger_l2, opts.max_iter, False, tags)
     else:
         tagger_w = np.zeros((enc.tokens[0].shape[1], 1), np.float32)
         tagger_b = np.zeros(1, np.float32)
@@ -482,15 +456,8 @@ class StructuredExtractorStudent(Student):
         if not inputs:
             return []
         enc = encode(self.encoder, inputs, self.options)
-        folds = len(self.models)
-        fold_of = [input_fold(t, folds) if folds > 1 else 0 for t in inputs]
-        out: list[Prediction | None] = [None] * len(inputs)
-        for k, model in enumerate(self.models):
-            rows = [i for i, f in enumerate(fold_of) if f == k]
-            for i, p in zip(rows, predict_rows(self.layout, model, enc, inputs, rows),
-                            strict=True):
-                out[i] = p
-        return [p for p in out if p is not None]
+        return predict_by_fold(inputs, self.models, lambda model, rows: predict_rows(
+            self.layout, model, enc, inputs, rows))
 
 
 class StructuredExtractorTrainer(Trainer):
@@ -527,22 +494,10 @@ class StructuredExtractorTrainer(Trainer):
         encoder = get_encoder(opts.encoder, opts.quantize)
         enc = encode(encoder, texts, opts)
         encoded = time.perf_counter()
-        fold_of = (np.array([input_fold(t, folds) for t in texts]) if folds > 1
-                   else np.zeros(len(texts), dtype=np.int64))
-        if folds > 1 and any((fold_of != k).sum() == 0 for k in range(folds)):
-            raise ValueError(f"{len(examples)} examples all fall in one fold: too few to "
-                             "cross-fit")
-        models = []
-        out_of_fold: list[Prediction | None] = [None] * len(examples)
-        for k in range(folds):
-            train_rows = np.flatnonzero(fold_of != k) if folds > 1 else np.arange(len(texts))
-            model = fit_model(layout, enc, targets, texts, train_rows, opts)
-            models.append(model)
-            rows = np.flatnonzero(fold_of == k).tolist()
-            for i, p in zip(rows, predict_rows(layout, model, enc, texts, rows),
-                            strict=True):
-                out_of_fold[i] = p
-        predictions = [p for p in out_of_fold if p is not None]
+        models, predictions = fit_folds(
+            assign_folds(texts, folds), folds,
+            lambda rows: fit_model(layout, enc, targets, texts, rows, opts),
+            lambda model, rows: predict_rows(layout, model, enc, texts, rows))
         agree = [p.target == t for p, t in zip(predictions, targets, strict=True)]
         figures: dict[str, Any] = {
             "examples": len(examples),
