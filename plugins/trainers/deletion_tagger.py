@@ -225,7 +225,8 @@ class Chunk:
 
 def pair_features(words_: np.ndarray, keys: list[str], size: int, hidden: int) -> np.ndarray:
     """For deleting words i..j: whether word i equals word j+1 (a restart repeats the
-    start), whether word i+1 equals word j+2, and the cosine of their top-layer states."""
+    start), whether word i+1 equals word j+2, and the cosine of words i and j+1 in the
+    first of ``token_layers`` (the top layer by default; its ``hidden`` columns)."""
     m = len(keys)
     out = np.zeros((size, size, 3), dtype=np.float32)
     if m == 0:
