@@ -27,7 +27,8 @@ Streams (../shared/data):
   tagged as spans of the input);
 * ``extract-classes``: the same stream with the ``embedding-classifier`` student (each
   distinct answer a class);
-* ``rewrite``: Disfl-QA test, disfluent question -> original (3,643 rows), normalised
+* ``rewrite``: Disfl-QA test, disfluent question -> original (3,643 rows, 3,631 distinct
+  questions), normalised
   exact match as agreement; student ``deletion-tagger`` (the words to drop, picked on
   frozen MiniLM states);
 * ``rewrite-lm``: the first ``--rewrite-limit`` rows of it with the ``lora-lm`` student

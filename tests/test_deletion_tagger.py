@@ -21,7 +21,6 @@ from plugins.rewrite import RewriteOptions, RewriteTask
 from plugins.trainers.deletion_tagger import (
     META_FILE,
     SPAN_WEIGHTS,
-    WEIGHTS_FILE,
     DeletionTaggerTrainer,
     deleted_span,
     join_kept,
@@ -29,6 +28,7 @@ from plugins.trainers.deletion_tagger import (
     pair_features,
     words,
 )
+from plugins.trainers.token_students import WEIGHTS_FILE
 from tests.conftest import make_settings
 from tests.servers import GatewayServer
 

@@ -24,7 +24,6 @@ from plugins.trainers.minilm_encoder import get_encoder
 from plugins.trainers.structured_extractor import (
     ABSENT,
     META_FILE,
-    WEIGHTS_FILE,
     StructuredExtractorOptions,
     StructuredExtractorTrainer,
     _cut_spans,
@@ -32,6 +31,7 @@ from plugins.trainers.structured_extractor import (
     learn_layout,
     token_tags,
 )
+from plugins.trainers.token_students import WEIGHTS_FILE
 from tests.conftest import make_settings
 from tests.servers import GatewayServer
 

@@ -150,10 +150,11 @@ class Encoder:
         self._direct, self._graph = None, None  # check and trace again with the new layers
         return self
 
-    def _tokenize(self, texts: Sequence[str], max_tokens: int) -> dict[str, torch.Tensor]:
+    def _tokenize(self, texts: Sequence[str], max_tokens: int, offsets: bool = False
+                  ) -> dict[str, torch.Tensor]:
         return dict(self.tokenizer(list(texts), padding=True, truncation=True,
                                    max_length=min(max_tokens, self.max_tokens),
-                                   return_tensors="pt"))
+                                   return_offsets_mapping=offsets, return_tensors="pt"))
 
     def layer_index(self, layer: int) -> int:
         """hidden_states index of a 1-based (or negative, from the top) layer number."""
@@ -235,10 +236,7 @@ class Encoder:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             with self._lock:
-                enc = dict(self.tokenizer([texts[i] for i in chunk], padding=True,
-                                          truncation=True, return_offsets_mapping=True,
-                                          max_length=min(max_tokens, self.max_tokens),
-                                          return_tensors="pt"))
+                enc = self._tokenize([texts[i] for i in chunk], max_tokens, offsets=True)
                 if self._direct is None:
                     self._direct = self._prepare_direct()
             offsets = enc.pop("offset_mapping").numpy()

