@@ -229,19 +229,25 @@ class Encoded:
     offsets: list[np.ndarray]  # per text: tokens x 2 character spans
 
 
-def encode(encoder: Encoder, texts: list[str], opts: StructuredExtractorOptions) -> Encoded:
+def encode(encoder: Encoder, texts: list[str], opts: StructuredExtractorOptions,
+           block: int = 512) -> Encoded:
+    """Sentence features and per-token features of each text, in blocks of ``block``
+    texts: only one block's raw states (every token, every layer read) are held at once."""
     layers = list(dict.fromkeys([*opts.sentence_layers, *opts.token_layers]))
     sent_at = [layers.index(x) for x in opts.sentence_layers]
     tok_at = [layers.index(x) for x in opts.token_layers]
-    states = encoder.token_states(texts, layers, opts.max_tokens, opts.batch_size)
-    sentences = np.stack([s[:, sent_at].mean(axis=0).reshape(-1) for s, _ in states])
-    tokens = []
-    for s, _ in states:
-        own = s[:, tok_at].reshape(len(s), -1)
-        pad = np.zeros_like(own[:1])
-        tokens.append(np.concatenate([own, np.concatenate([pad, own[:-1]]),
-                                      np.concatenate([own[1:], pad])], axis=1))
-    return Encoded(sentences.astype(np.float32), tokens, [o for _, o in states])
+    sentences, tokens, offsets = [], [], []
+    for start in range(0, len(texts), block):
+        states = encoder.token_states(texts[start:start + block], layers, opts.max_tokens,
+                                      opts.batch_size)
+        for s, o in states:
+            sentences.append(s[:, sent_at].mean(axis=0).reshape(-1))
+            own = s[:, tok_at].reshape(len(s), -1)
+            pad = np.zeros_like(own[:1])
+            tokens.append(np.concatenate([own, np.concatenate([pad, own[:-1]]),
+                                          np.concatenate([own[1:], pad])], axis=1))
+            offsets.append(o)
+    return Encoded(np.stack(sentences).astype(np.float32), tokens, offsets)
 
 
 def token_tags(layout: Layout, text: str, target: dict[str, Any], offsets: np.ndarray
