@@ -108,6 +108,13 @@ class GatewayMetrics:
             ["task", "outcome"],
             registry=r,
         )
+        self.target_agreement = Gauge(
+            "distill_target_agreement",
+            "The promise: the task's policy.target_agreement (a line to read the audited "
+            "agreement against).",
+            ["task"],
+            registry=r,
+        )
         self.audited_agreement = Gauge(
             "distill_audited_agreement",
             "Estimated end-to-end agreement with the teacher from audits of the active "

@@ -163,6 +163,10 @@ class Runtime:
             )
 
         self.students.on_swap = swapped
+        for name in self.trainable_tasks():
+            self.metrics.target_agreement.labels(name).set(
+                settings.tasks[name].policy.target_agreement
+            )
 
     def trainable_tasks(self) -> list[str]:
         """Tasks with a student trainer (configured, or the task plugin's default)."""
