@@ -24,6 +24,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from gateway.artifacts import ArtifactStore, is_url
+
 DEFAULT_DATABASE = "sqlite:///./distill.db"
 CONFIG_ENV_VAR = "DISTILL_CONFIG_FILE"
 
@@ -213,7 +215,21 @@ class Settings(BaseSettings):
     )
 
     database: str = DEFAULT_DATABASE
-    artifacts: str = "./artifacts"
+    artifacts: str = Field(
+        default="./artifacts",
+        description="where student artifacts live: a directory, or an object-storage URL "
+        "(s3://bucket/prefix; any fsspec backend installed) shared by every replica",
+    )
+    artifacts_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the object store's fsspec storage options (e.g. endpoint_url, key, "
+        "secret for s3://; credentials can also come from the backend's usual environment)",
+    )
+    artifacts_cache: str = Field(
+        default="./artifacts-cache",
+        description="with an object-storage URL: the local directory where rounds stage "
+        "artifacts and replicas keep the versions they load (and the spool by default)",
+    )
     default_teacher: TeacherConfig | None = None
     tasks: dict[str, TaskConfig] = Field(default_factory=dict)
     server: ServerConfig = Field(default_factory=ServerConfig)
@@ -234,6 +250,22 @@ class Settings(BaseSettings):
             value = "postgresql+psycopg://" + value.split("://", 1)[1]
         return value
 
+    @field_validator("artifacts")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if is_url(value):
+            from fsspec import get_filesystem_class
+
+            protocol = value.split("://", 1)[0]
+            try:
+                get_filesystem_class(protocol)
+            except (ImportError, ValueError) as exc:
+                raise ValueError(
+                    f"no fsspec backend for {protocol}:// ({exc}); install it "
+                    "(s3://: pip install 'distill-gateway[s3]')"
+                ) from None
+        return value
+
     @field_validator("tasks")
     @classmethod
     def _task_names(cls, value: dict[str, TaskConfig]) -> dict[str, TaskConfig]:
@@ -244,7 +276,11 @@ class Settings(BaseSettings):
 
     @property
     def spool_dir(self) -> Path:
-        return Path(self.store.spool_dir or Path(self.artifacts) / "spool")
+        local = self.artifacts_cache if is_url(self.artifacts) else self.artifacts
+        return Path(self.store.spool_dir or Path(local) / "spool")
+
+    def artifact_store(self) -> ArtifactStore:
+        return ArtifactStore(self.artifacts, self.artifacts_cache, self.artifacts_options)
 
     def teacher_for(self, task: str) -> TeacherConfig | None:
         config = self.tasks[task]

@@ -1,6 +1,7 @@
-"""The model registry: student versions per task, in the store plus the artifact directory.
+"""The model registry: student versions per task, in the store plus the artifact store
+(a directory or object storage, gateway.artifacts).
 
-A version is ``training`` while its artifact is written (to ``<version>.partial``, renamed
+A version is ``training`` while its artifact is written (staged, and put in place whole
 when complete), then ``candidate``; ``promote`` makes it ``active`` and retires the one
 before, in one transaction; ``rollback`` re-activates the previously promoted version.
 The database refuses two active versions of a task (a partial unique index), so
@@ -9,7 +10,6 @@ concurrent promotions cannot leave the registry inconsistent.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from gateway.artifacts import ArtifactStore
 from gateway.store.tables import student_versions as sv
 
 TRAINING, CANDIDATE, ACTIVE, RETIRED, FAILED = (
@@ -60,12 +61,23 @@ class StudentVersion:
 
 
 class Registry:
-    def __init__(self, engine: Engine, artifacts: Path) -> None:
+    def __init__(self, engine: Engine, artifacts: Path | str | ArtifactStore) -> None:
         self.engine = engine
-        self.artifacts = Path(artifacts)
+        self.store = (artifacts if isinstance(artifacts, ArtifactStore)
+                      else ArtifactStore(artifacts))
 
-    def artifact_dir(self, task: str, version: str) -> Path:
-        return self.artifacts / task / version
+    @property
+    def artifacts(self) -> Path:
+        """The artifact directory (local stores)."""
+        return Path(self.store.location)
+
+    def artifact_dir(self, task: str, version: str) -> str:
+        """Where the version's artifact lives: a directory, or its URL."""
+        return self.store.path_of(task, version)
+
+    def local_artifact(self, version: StudentVersion) -> Path:
+        """A local directory with the version's artifact, for a trainer to load."""
+        return self.store.local(version.artifact_path)
 
     # -- reads ---------------------------------------------------------------------------
     def versions(self, task: str) -> list[StudentVersion]:
@@ -125,26 +137,20 @@ class Registry:
         return self.get(task, version)
 
     def partial_dir(self, version: StudentVersion) -> Path:
-        path = Path(version.artifact_path + ".partial")
-        if path.exists():
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-        return path
+        """An empty local directory for the trainer to write the artifact into."""
+        return self.store.staging(version.artifact_path)
 
     def complete(
         self, version: StudentVersion, threshold: float | None, metrics: dict[str, Any]
     ) -> StudentVersion:
-        """The artifact is fully written: move it in place, then mark the version candidate."""
-        partial = Path(version.artifact_path + ".partial")
-        final = Path(version.artifact_path)
-        if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)  # atomic on one filesystem: never a half-written artifact
+        """The artifact is fully written: put it in place (never half visible), then mark
+        the version candidate."""
+        self.store.publish(version.artifact_path)
         self._update(version, status=CANDIDATE, threshold=threshold, metrics=metrics)
         return self.get(version.task, version.version)
 
     def fail(self, version: StudentVersion, error: str) -> None:
-        shutil.rmtree(version.artifact_path + ".partial", ignore_errors=True)
+        self.store.discard(version.artifact_path)
         self._update(version, status=FAILED, error=error[:2000])
 
     def fail_interrupted(self, task: str) -> list[str]:
@@ -176,7 +182,7 @@ class Registry:
                 f"{task} {version} is {target.status}; only a candidate or a "
                 "retired version can be promoted"
             )
-        if not Path(target.artifact_path).is_dir():
+        if not self.store.exists(target.artifact_path):
             raise RegistryError(f"{task} {version}: artifact {target.artifact_path} is missing")
         with self.engine.begin() as conn:
             conn.execute(
@@ -201,7 +207,7 @@ class Registry:
             if v.status == RETIRED
             and v.promoted_at is not None
             and v.error != ROLLED_BACK
-            and Path(v.artifact_path).is_dir()
+            and self.store.exists(v.artifact_path)
             and _before(v.promoted_at, current.promoted_at)
         ]
         previous = max(earlier, key=lambda v: _aware(v.promoted_at)) if earlier else None
@@ -224,8 +230,7 @@ class Registry:
         removed = []
         inactive = [v for v in self.versions(task) if v.status in (RETIRED, CANDIDATE, FAILED)]
         for version in inactive[:-keep] if keep else inactive:
-            if Path(version.artifact_path).exists():
-                shutil.rmtree(version.artifact_path, ignore_errors=True)
+            if self.store.delete(version.artifact_path):
                 removed.append(version.version)
         return removed
 

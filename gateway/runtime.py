@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -152,7 +151,7 @@ class Runtime:
             transform=record_transform(redactors),
         )
         self.metrics.watch_store(self.store)
-        self.registry = Registry(self.store.engine, Path(settings.artifacts))
+        self.registry = Registry(self.store.engine, settings.artifact_store())
         self.students = StudentPool(self.registry, self.plugins, self.tasks)
 
         def swapped(task: str, version: str | None) -> None:

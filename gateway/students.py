@@ -266,7 +266,7 @@ class StudentPool:
         runtime = self.tasks[version.task]
         trainer_class = self.plugins.trainers.get(version.trainer)
         trainer = trainer_class(trainer_class.Options.model_validate(version.options))
-        directory = Path(version.artifact_path)
+        directory = self.registry.local_artifact(version)  # downloaded once if remote
         student = trainer.load(directory, runtime.task)
         return LoadedStudent(
             task=version.task,

@@ -162,7 +162,7 @@ class Workspace:
         self.engine = engine or database.create_engine(settings.database)
         if engine is None and settings.store.run_migrations:
             database.migrate(self.engine)
-        self.registry = Registry(self.engine, Path(settings.artifacts))
+        self.registry = Registry(self.engine, settings.artifact_store())
 
     def task(self, name: str) -> TaskRuntime:
         try:
@@ -187,7 +187,7 @@ class Workspace:
 
     def load_student(self, version: StudentVersion) -> Student:
         _, trainer = self.trainer(version.task, version.trainer, version.options)
-        return trainer.load(Path(version.artifact_path), self.task(version.task).task)
+        return trainer.load(self.registry.local_artifact(version), self.task(version.task).task)
 
     def train_round(self, task_name: str, promote: str = "if-better") -> RoundResult:
         """Curate, train, evaluate and calibrate a candidate; promote it per ``promote``:
