@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import sqlalchemy as sa
 import typer
@@ -14,12 +15,34 @@ from rich.table import Table
 from gateway.cli_models import ConfigOption, _fail, _workspace, out
 from gateway.store.tables import exchanges
 
+if TYPE_CHECKING:
+    from gateway.metrics import GatewayMetrics
+
 STATUS_WINDOW = 1000  # recent answers the share and the audited agreement are read from
+
+
+def serve_round_metrics(metrics: GatewayMetrics, port: int, host: str = "0.0.0.0"
+                        ) -> Callable[[dict[str, Any]], Awaitable[None]]:
+    """Serve the worker's metrics (training rounds, curation filters) on ``port`` at
+    /metrics, and return the callback that counts a round into them."""
+    from prometheus_client import start_http_server
+
+    start_http_server(port, addr=host, registry=metrics.registry)
+
+    async def count(summary: dict[str, Any]) -> None:
+        metrics.count_round(summary)
+
+    return count
 
 
 def worker(
     config: ConfigOption = None,
     once: Annotated[bool, typer.Option(help="check every task once, then exit")] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="serve the rounds' metrics (distill_training_rounds_total, "
+                     "distill_filter_examples_total) on this port at /metrics"),
+    ] = None,
 ) -> None:
     """Run the distillation loop without serving (one per deployment is enough; the
     training lock keeps it to one round per task anyway)."""
@@ -32,7 +55,10 @@ def worker(
     tasks = runtime.trainable_tasks()
     if not tasks:
         raise _fail("no task has a trainer")
-    loop = DistillationLoop(workspace.settings, workspace.engine, workspace.registry, tasks)
+    on_round = (serve_round_metrics(runtime.metrics, metrics_port)
+                if metrics_port is not None else None)
+    loop = DistillationLoop(workspace.settings, workspace.engine, workspace.registry, tasks,
+                            on_round=on_round)
 
     async def run() -> None:
         if once:

@@ -1,11 +1,11 @@
-"""Artifacts on object storage: a real S3 server on loopback (moto's), reached by s3fs over
-HTTP. A round publishes a version to the bucket; another replica, with nothing on its
-disk but the database, downloads it once and serves it."""
+"""Artifacts on object storage, through fsspec's in-memory object store (the same calls
+s3fs answers for s3://). A round publishes a version to the store; another replica, with
+nothing on its disk but the database, downloads it once and serves it."""
 
 from __future__ import annotations
 
-import socket
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,45 +22,23 @@ from gateway.training import Workspace
 from tests.conftest import LABELS, make_settings
 from tests.servers import GatewayServer
 
-BUCKET = "students"
+
+@pytest.fixture
+def bucket() -> Iterator[str]:
+    """A fresh bucket URL; memory:// is one store per process, shared by every instance."""
+    url = f"memory://students-{uuid.uuid4().hex[:8]}"
+    yield url
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    MemoryFileSystem().rm(url.removeprefix("memory://"), recursive=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def s3_options() -> Iterator[dict[str, Any]]:
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "test", "secret": "test",
-               "client_kwargs": {"region_name": "us-east-1"}}
-    try:
-        import boto3
-
-        boto3.client("s3", endpoint_url=options["endpoint_url"], region_name="us-east-1",
-                     aws_access_key_id="test", aws_secret_access_key="test",
-                     ).create_bucket(Bucket=BUCKET)
-        yield options
-    finally:
-        server.stop()
-
-
-def store(options: dict[str, Any], cache: Path, prefix: str) -> ArtifactStore:
-    return ArtifactStore(f"s3://{BUCKET}/{prefix}", cache, options)
-
-
-def test_a_version_is_visible_only_whole_and_downloads_once(
-    s3_options: dict[str, Any], tmp_path: Path
-) -> None:
-    writer = store(s3_options, tmp_path / "writer", "unit")
+def test_a_version_is_visible_only_whole_and_downloads_once(bucket: str, tmp_path: Path
+                                                             ) -> None:
+    writer = ArtifactStore(f"{bucket}/unit", tmp_path / "writer")
     path = writer.path_of("t", "v0001")
-    assert path == f"s3://{BUCKET}/unit/t/v0001"
+    key = path.removeprefix("memory://")
+    assert path == f"memory:///{bucket.removeprefix('memory://')}/unit/t/v0001"
     staged = writer.staging(path)
     (staged / "weights.safetensors").write_bytes(b"w" * 1000)
     (staged / "adapter").mkdir()
@@ -68,10 +46,10 @@ def test_a_version_is_visible_only_whole_and_downloads_once(
     assert not writer.exists(path)  # staged, not published
     writer.publish(path)
     assert writer.exists(path)
-    assert writer._fs.exists(f"{BUCKET}/unit/t/v0001/{COMPLETE_MARKER}")
+    assert writer._fs.exists(f"{key}/{COMPLETE_MARKER}")
 
     # another replica: nothing local until it loads the version
-    reader = store(s3_options, tmp_path / "reader", "unit")
+    reader = ArtifactStore(f"{bucket}/unit", tmp_path / "reader")
     local = reader.local(path)
     assert local == tmp_path / "reader" / "t" / "v0001"
     assert (local / "weights.safetensors").read_bytes() == b"w" * 1000
@@ -81,7 +59,7 @@ def test_a_version_is_visible_only_whole_and_downloads_once(
 
     # a version whose upload never finished (no marker) is not there
     half = writer.path_of("t", "v0002")
-    writer._fs.pipe_file(f"{BUCKET}/unit/t/v0002/weights.safetensors", b"half")
+    writer._fs.pipe_file(f"{half.removeprefix('memory://')}/weights.safetensors", b"half")
     assert not reader.exists(half)
     with pytest.raises(FileNotFoundError, match="missing or incomplete"):
         reader.local(half)
@@ -90,12 +68,11 @@ def test_a_version_is_visible_only_whole_and_downloads_once(
     assert not reader.delete(path)
 
 
-def s3_settings(tmp_path: Path, teacher: TeacherServer, options: dict[str, Any],
-                cache: str, **overrides: Any) -> Settings:
+def remote_settings(tmp_path: Path, teacher: TeacherServer, bucket: str, cache: str,
+                    **overrides: Any) -> Settings:
     return make_settings(
         tmp_path, teacher,
-        artifacts=f"s3://{BUCKET}/e2e", artifacts_options=options,
-        artifacts_cache=str(tmp_path / cache),
+        artifacts=f"{bucket}/e2e", artifacts_cache=str(tmp_path / cache),
         plugins=["tests.word_vote_trainer"],
         loop={"enabled": False},
         server={"registry_poll_s": 0.1},
@@ -109,12 +86,12 @@ def s3_settings(tmp_path: Path, teacher: TeacherServer, options: dict[str, Any],
 
 
 def test_a_replica_serves_a_student_another_process_trained_into_the_bucket(
-    s3_options: dict[str, Any], tmp_path: Path, teacher: TeacherServer
+    bucket: str, tmp_path: Path, teacher: TeacherServer
 ) -> None:
     questions = {f"help with my {LABELS[i % 3].replace('_', ' ')} please {i}": LABELS[i % 3]
                  for i in range(200)}
     teacher.responder = lambda body: questions.get(body["messages"][-1]["content"], LABELS[0])
-    trainer_side = s3_settings(tmp_path, teacher, s3_options, "trainer-cache")
+    trainer_side = remote_settings(tmp_path, teacher, bucket, "trainer-cache")
     with GatewayServer(create_app(trainer_side)) as gateway:
         client = openai.OpenAI(base_url=gateway.base_url, api_key="k", max_retries=0)
         for text in questions:
@@ -123,10 +100,11 @@ def test_a_replica_serves_a_student_another_process_trained_into_the_bucket(
     result = Workspace(trainer_side).train_round("support-intents", promote="always")
     assert result.promoted and result.version is not None
     assert result.version.threshold is not None, result.reason
-    assert result.version.artifact_path.startswith(f"s3://{BUCKET}/e2e/support-intents/")
+    assert result.version.artifact_path.startswith("memory://")
+    assert result.version.artifact_path.endswith(f"/e2e/support-intents/{result.version.version}")
 
     # a fresh replica: the same database, an empty local cache
-    replica = s3_settings(tmp_path, teacher, s3_options, "replica-cache")
+    replica = remote_settings(tmp_path, teacher, bucket, "replica-cache")
     app = create_app(replica)
     with GatewayServer(app) as gateway:
         assert app.state.runtime.registry.active("support-intents").status == ACTIVE

@@ -21,6 +21,7 @@ from gateway.cli import app as cli_app
 from gateway.config import load_settings
 from gateway.plugins import load_plugins
 from gateway.runtime import build_tasks
+from gateway.serving import free_port
 from gateway.testing.teacher_server import TeacherServer
 from tests.conftest import LABELS, make_settings
 from tests.servers import GatewayServer
@@ -127,6 +128,32 @@ def test_the_processes_they_start_are_cli_commands() -> None:
     assert {"name": "DISTILL_LOOP__ENABLED", "value": "false"} in gateway["env"]
     assert compose()["services"]["gateway"]["environment"]["DISTILL_LOOP__ENABLED"] == "false"
     assert deployments()["distill-worker"]["spec"]["replicas"] == 1
+    # the worker's rounds are scraped where it serves them
+    worker = deployments()["distill-worker"]["spec"]["template"]
+    port = worker["spec"]["containers"][0]["args"][-1]
+    assert worker["spec"]["containers"][0]["args"][-2] == "--metrics-port"
+    assert worker["metadata"]["annotations"]["prometheus.io/port"] == port
+    assert compose()["services"]["worker"]["command"][-2:] == ["--metrics-port", port]
+    prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    jobs = {j["job_name"]: j for j in prometheus["scrape_configs"]}
+    assert jobs["distill-worker"]["static_configs"][0]["targets"] == [f"worker:{port}"]
+
+
+def test_the_worker_serves_the_rounds_it_counts(tmp_path: Path, teacher: TeacherServer) -> None:
+    import asyncio
+
+    from gateway.cli_ops import serve_round_metrics
+    from gateway.runtime import Runtime
+
+    runtime = Runtime(make_settings(tmp_path, teacher))
+    port = free_port()
+    count = serve_round_metrics(runtime.metrics, port, host="127.0.0.1")
+    asyncio.run(count({"task": "support-intents", "promoted": True, "version": "v0001",
+                       "curation": {"filters": {"dedup": {"kept": 90, "dropped": 10}}}}))
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert 'distill_training_rounds_total{outcome="promoted",task="support-intents"} 1.0' in text
+    assert ('distill_filter_examples_total{filter="dedup",outcome="dropped",'
+            'task="support-intents"} 10.0') in text
 
 
 def test_probes_and_scrapes_reach_routes_the_gateway_has(tmp_path: Path,
@@ -137,7 +164,7 @@ def test_probes_and_scrapes_reach_routes_the_gateway_has(tmp_path: Path,
     annotations = deployments()["distill-gateway"]["spec"]["template"]["metadata"][
         "annotations"]
     prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
-    job = prometheus["scrape_configs"][0]
+    job = next(j for j in prometheus["scrape_configs"] if j["job_name"] == "distill-gateway")
     paths += [annotations["prometheus.io/path"], job["metrics_path"]]
     assert job["dns_sd_configs"][0]["port"] == int(image_env()["DISTILL_SERVER__PORT"])
     assert job["dns_sd_configs"][0]["names"] == ["gateway"]
