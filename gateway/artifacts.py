@@ -66,6 +66,11 @@ class ArtifactStore:
         return self.cache / task / version
 
     # -- writing a version -----------------------------------------------------------------
+    def staging_path(self, artifact_path: str) -> Path:
+        """Where the version is staged: beside it locally, in the cache when remote."""
+        return (Path(artifact_path + ".partial") if not self.remote
+                else Path(str(self._cached(artifact_path)) + ".partial"))
+
     def staging(self, artifact_path: str) -> Path:
         """An empty local directory for the trainer to write the version into."""
         path = self.staging_path(artifact_path)
@@ -96,10 +101,6 @@ class ArtifactStore:
         if cached.exists():
             shutil.rmtree(cached)
         partial.rename(cached)
-
-    def staging_path(self, artifact_path: str) -> Path:
-        return (Path(artifact_path + ".partial") if not self.remote
-                else Path(str(self._cached(artifact_path)) + ".partial"))
 
     def discard(self, artifact_path: str) -> None:
         """Drop what a failed round staged."""
