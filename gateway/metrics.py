@@ -1,7 +1,10 @@
 """Prometheus metrics, one registry per app (several apps can live in one process).
 
 With several workers per replica, set PROMETHEUS_MULTIPROC_DIR and /metrics aggregates
-the workers' files (prometheus-client's multiprocess mode).
+the workers' files (prometheus-client's multiprocess mode): counters and histograms add
+up; each gauge says how its workers' values combine (the promise and the threshold are
+the same everywhere, the audited agreement takes the lowest worker's, savings add up).
+The traffic store's figures are per process and are left out there.
 """
 
 from __future__ import annotations
@@ -94,12 +97,14 @@ class GatewayMetrics:
             "distill_student_share",
             "Share of this task's answers served by the student (since start).",
             ["task"],
+            multiprocess_mode="liveall",
             registry=r,
         )
         self.student_threshold = Gauge(
             "distill_student_threshold",
             "Confidence threshold of the active student.",
             ["task"],
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.audits = Counter(
@@ -113,6 +118,7 @@ class GatewayMetrics:
             "The promise: the task's policy.target_agreement (a line to read the audited "
             "agreement against).",
             ["task"],
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.audited_agreement = Gauge(
@@ -120,6 +126,7 @@ class GatewayMetrics:
             "Estimated end-to-end agreement with the teacher from audits of the active "
             "student (1 - share served x audited disagreement rate).",
             ["task"],
+            multiprocess_mode="livemin",
             registry=r,
         )
         self.threshold_adjustments = Counter(
@@ -157,6 +164,7 @@ class GatewayMetrics:
             "distill_savings_usd",
             "Counterfactual teacher cost minus actual cost, audits included (since start).",
             ["task"],
+            multiprocess_mode="livesum",
             registry=r,
         )
 

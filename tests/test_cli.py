@@ -76,3 +76,62 @@ def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "server.port" in result.stderr
+
+
+def test_several_workers_aggregate_their_metrics(tmp_path: Path, teacher: TeacherServer) -> None:
+    """`serve --workers 2` with PROMETHEUS_MULTIPROC_DIR: whichever worker answers the
+    scrape reports every worker's requests, and the gauges combine as documented."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"database: sqlite:///{tmp_path / 'd.db'}\n"
+        f"artifacts: {tmp_path / 'artifacts'}\n"
+        "default_teacher:\n"
+        f"  model: openai/teacher-model\n  api_base: {teacher.url}\n  api_key: sk-x\n"
+        "tasks:\n  support-intents: {plugin: classify}\n"
+    )
+    metrics_dir = tmp_path / "prometheus"
+    metrics_dir.mkdir()
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    process = subprocess.Popen(
+        [str(bin_dir / "distill-gateway"), "serve", "--config", str(config), "--port", str(port),
+         "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(base + "/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "gateway did not start"
+            time.sleep(0.2)
+        sent, pids = 0, set()
+        deadline = time.monotonic() + 60
+        # a connection each, until both workers have answered some (each writes counter
+        # files of its own on its first request); which one accepts is the kernel's choice
+        while len(pids) < 2 or sent < 20:
+            assert time.monotonic() < deadline, f"one worker answered all {sent}: {pids}"
+            with httpx.Client(base_url=base) as client:
+                answer = client.post("/v1/chat/completions", json={
+                    "model": "support-intents",
+                    "messages": [{"role": "user", "content": f"ping {sent}"}]})
+            assert answer.status_code == 200
+            sent += 1
+            pids = {f.stem.rsplit("_", 1)[-1] for f in metrics_dir.glob("counter_*.db")}
+        text = httpx.get(base + "/metrics").text
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=40)
+    requests = [line for line in text.splitlines()
+                if line.startswith("distill_requests_total{") and 'task="support-intents"' in line]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in requests) == sent
+    # the promise is one series, not one per worker
+    assert [line for line in text.splitlines() if line.startswith("distill_target_agreement")
+            ] == ['distill_target_agreement{task="support-intents"} 0.97']
