@@ -140,7 +140,18 @@ class ArtifactStore:
                     raise
         finally:
             shutil.rmtree(download, ignore_errors=True)
+        self._forget_deleted(cached.parent)
         return cached
+
+    def _forget_deleted(self, task_dir: Path) -> None:
+        """Drop cached copies of versions the store no longer has (pruned by the round that
+        deleted them, on another machine), so a replica's cache stays as small as the
+        registry keeps it."""
+        for copy in task_dir.iterdir():
+            # "." in a name: a staging or download temporary, not a version
+            if (copy.is_dir() and "." not in copy.name
+                    and not self.exists(self.path_of(task_dir.name, copy.name))):
+                shutil.rmtree(copy, ignore_errors=True)
 
     def delete(self, artifact_path: str) -> bool:
         """Remove a version (and this replica's copy); True if there was one."""

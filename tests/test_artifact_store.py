@@ -67,6 +67,16 @@ def test_a_version_is_visible_only_whole_and_downloads_once(bucket: str, tmp_pat
     assert reader.delete(path) and not writer.exists(path) and not local.exists()
     assert not reader.delete(path)
 
+    # a version pruned elsewhere leaves this replica's cache when it next downloads one
+    old, new = writer.path_of("t", "v0003"), writer.path_of("t", "v0004")
+    for version in (old, new):
+        (writer.staging(version) / "w").write_bytes(b"x")
+        writer.publish(version)
+    assert reader.local(old).is_dir()
+    writer.delete(old)
+    assert reader.local(new).is_dir()
+    assert sorted(p.name for p in (tmp_path / "reader" / "t").iterdir()) == ["v0004"]
+
 
 def remote_settings(tmp_path: Path, teacher: TeacherServer, bucket: str, cache: str,
                     **overrides: Any) -> Settings:
