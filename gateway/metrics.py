@@ -3,8 +3,8 @@
 With several workers per replica, set PROMETHEUS_MULTIPROC_DIR and /metrics aggregates
 the workers' files (prometheus-client's multiprocess mode): counters and histograms add
 up; each gauge says how its workers' values combine (the promise and the threshold are
-the same everywhere, the audited agreement takes the lowest worker's, savings add up).
-The traffic store's figures are per process and are left out there.
+the same everywhere, the audited agreement takes the lowest worker's, savings add up),
+and the traffic store's figures are kept in the workers' files too.
 """
 
 from __future__ import annotations
@@ -187,7 +187,10 @@ class GatewayMetrics:
                 self.filter_examples.labels(task, name, kind).inc(counts.get(kind, 0))
 
     def watch_store(self, store: TrafficStore) -> None:
-        self.registry.register(_StoreCollector(store))
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            store.after_batch = _StoreFiles(store, self.registry).sync
+        else:
+            self.registry.register(_StoreCollector(store))
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST
@@ -199,6 +202,15 @@ class GatewayMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+_STORE_COUNTERS = (
+    ("written", "Records inserted into the database."),
+    ("spooled", "Records written to the spool file."),
+    ("replayed", "Spooled records replayed into the database."),
+    ("db_errors", "Failed database writes."),
+)
+_QUEUE_DEPTH_DOC = "Records waiting for the writer."
+
+
 class _StoreCollector(Collector):
     """Reads the writer's counters at scrape time, so the hot path pays nothing."""
 
@@ -207,13 +219,29 @@ class _StoreCollector(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         s = self._store
-        yield GaugeMetricFamily(
-            "distill_store_queue_depth", "Records waiting for the writer.", value=s.queue_depth
-        )
-        for name, doc, value in (
-            ("distill_store_written", "Records inserted into the database.", s.written),
-            ("distill_store_spooled", "Records written to the spool file.", s.spooled),
-            ("distill_store_replayed", "Spooled records replayed into the database.", s.replayed),
-            ("distill_store_db_errors", "Failed database writes.", s.db_errors),
-        ):
-            yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily("distill_store_queue_depth", _QUEUE_DEPTH_DOC,
+                                value=s.queue_depth)
+        for name, doc in _STORE_COUNTERS:
+            yield CounterMetricFamily(f"distill_store_{name}", doc, value=getattr(s, name))
+
+
+class _StoreFiles:
+    """Multiprocess mode: the same figures as file-backed metrics, so that a scrape adds up
+    every worker's; the writer thread brings them up to date after each batch (it wakes at
+    least once a second), never the request path."""
+
+    def __init__(self, store: TrafficStore, registry: CollectorRegistry) -> None:
+        self._store = store
+        self._counters = {name: Counter(f"distill_store_{name}", doc, registry=registry)
+                          for name, doc in _STORE_COUNTERS}
+        self._seen = dict.fromkeys(self._counters, 0)
+        self._depth = Gauge("distill_store_queue_depth", _QUEUE_DEPTH_DOC,
+                            multiprocess_mode="livesum", registry=registry)
+
+    def sync(self) -> None:
+        for name, counter in self._counters.items():
+            value = getattr(self._store, name)
+            if value != self._seen[name]:
+                counter.inc(value - self._seen[name])
+                self._seen[name] = value
+        self._depth.set(self._store.queue_depth)

@@ -80,7 +80,8 @@ def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
 
 def test_several_workers_aggregate_their_metrics(tmp_path: Path, teacher: TeacherServer) -> None:
     """`serve --workers 2` with PROMETHEUS_MULTIPROC_DIR: whichever worker answers the
-    scrape reports every worker's requests, and the gauges combine as documented."""
+    scrape reports every worker's requests and stored records, and the gauges combine as
+    documented."""
     config = tmp_path / "config.yaml"
     config.write_text(
         f"database: sqlite:///{tmp_path / 'd.db'}\n"
@@ -125,7 +126,13 @@ def test_several_workers_aggregate_their_metrics(tmp_path: Path, teacher: Teache
             assert answer.status_code == 200
             sent += 1
             pids = {f.stem.rsplit("_", 1)[-1] for f in metrics_dir.glob("counter_*.db")}
-        text = httpx.get(base + "/metrics").text
+        written = f"distill_store_written_total {float(sent)}"
+        deadline = time.monotonic() + 10
+        while written not in (text := httpx.get(base + "/metrics").text):
+            # each worker's writer brings its figures up to date after a batch (<= 1 s)
+            assert time.monotonic() < deadline, [line for line in text.splitlines()
+                                                 if line.startswith("distill_store")]
+            time.sleep(0.2)
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=40)

@@ -55,6 +55,9 @@ class TrafficStore:
         self.spooled = 0
         self.replayed = 0
         self.db_errors = 0
+        # Called by the writer thread after each batch (and each idle second): metrics that
+        # must be pushed rather than read at scrape time (Prometheus multiprocess mode).
+        self.after_batch: Callable[[], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -150,6 +153,14 @@ class TrafficStore:
             finally:
                 for _ in taken:
                     self._queue.task_done()
+                self._after_batch()
+
+    def _after_batch(self) -> None:
+        if self.after_batch is not None:
+            try:
+                self.after_batch()
+            except Exception:  # metrics must never stop the writer
+                log.exception("store writer: after_batch failed")
 
     def _next_batch(self) -> list[Any]:
         """Up to batch_size items, waiting at most flush_interval after the first; a stop
