@@ -16,7 +16,10 @@ from gateway.testing.teacher_server import TeacherServer
 from tests.servers import free_port
 
 
-def test_serve_command(tmp_path: Path, teacher: TeacherServer) -> None:
+def launch(tmp_path: Path, teacher: TeacherServer, *args: str,
+           env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """`distill-gateway serve` on a config with one classify task, as a user starts it;
+    returns the process and its base URL once it answers /healthz."""
     config = tmp_path / "config.yaml"
     config.write_text(
         f"database: sqlite:///{tmp_path / 'd.db'}\n"
@@ -28,23 +31,30 @@ def test_serve_command(tmp_path: Path, teacher: TeacherServer) -> None:
     port = free_port()
     bin_dir = Path(sys.executable).parent
     process = subprocess.Popen(
-        [str(bin_dir / "distill-gateway"), "serve", "--config", str(config), "--port", str(port)],
+        [str(bin_dir / "distill-gateway"), "serve", "--config", str(config), "--port", str(port),
+         *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env={**os.environ},
+        env={**os.environ, **(env or {})},
     )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(base + "/healthz").status_code == 200:
+                return process, base
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("gateway did not start: " + process.communicate()[0].decode())
+        time.sleep(0.2)
+
+
+def test_serve_command(tmp_path: Path, teacher: TeacherServer) -> None:
+    process, base = launch(tmp_path, teacher)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "gateway did not start"
-            time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="k", max_retries=0)
         answer = client.chat.completions.create(
             model="support-intents", messages=[{"role": "user", "content": "ping"}]
         )
@@ -82,37 +92,11 @@ def test_several_workers_aggregate_their_metrics(tmp_path: Path, teacher: Teache
     """`serve --workers 2` with PROMETHEUS_MULTIPROC_DIR: whichever worker answers the
     scrape reports every worker's requests and stored records, and the gauges combine as
     documented."""
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"database: sqlite:///{tmp_path / 'd.db'}\n"
-        f"artifacts: {tmp_path / 'artifacts'}\n"
-        "default_teacher:\n"
-        f"  model: openai/teacher-model\n  api_base: {teacher.url}\n  api_key: sk-x\n"
-        "tasks:\n  support-intents: {plugin: classify}\n"
-    )
     metrics_dir = tmp_path / "prometheus"
     metrics_dir.mkdir()
-    port = free_port()
-    bin_dir = Path(sys.executable).parent
-    process = subprocess.Popen(
-        [str(bin_dir / "distill-gateway"), "serve", "--config", str(config), "--port", str(port),
-         "--workers", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
-    )
-    base = f"http://127.0.0.1:{port}"
+    process, base = launch(tmp_path, teacher, "--workers", "2",
+                           env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(base + "/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "gateway did not start"
-            time.sleep(0.2)
         sent, pids = 0, set()
         deadline = time.monotonic() + 60
         # a connection each, until both workers have answered some (each writes counter
