@@ -35,14 +35,13 @@ class ArtifactStore:
         self.location = str(location).removeprefix("file://")
         self.remote = is_url(self.location)
         self.cache = Path(cache) if cache is not None else Path("./artifacts-cache")
-        self._options = dict(options or {})
         self._fs: Any = None
         self._root = self.location.rstrip("/")
         if self.remote:
             from fsspec.core import url_to_fs
 
             try:
-                self._fs, self._root = url_to_fs(self.location, **self._options)
+                self._fs, self._root = url_to_fs(self.location, **(options or {}))
             except (ImportError, ValueError) as exc:
                 raise ValueError(f"artifacts {self.location!r}: {exc}") from exc
             self._root = self._root.rstrip("/")

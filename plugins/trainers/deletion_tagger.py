@@ -49,13 +49,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from gateway.hookspecs import hookimpl
-from gateway.interfaces import Example, Prediction, Student, Task, Trainer
+from gateway.interfaces import Example, Prediction, Student, Task
 from plugins.rewrite import normalise
 from plugins.trainers.minilm_encoder import Encoder, get_encoder
 from plugins.trainers.token_students import (
+    FoldedTrainer,
     FrozenEncoderOptions,
     assign_folds,
     fit_folds,
@@ -411,30 +412,14 @@ class DeletionTaggerStudent(Student):
                                lambda model, rows: predict_rows(model, enc, inputs, rows))
 
 
-class DeletionTaggerTrainer(Trainer):
+class DeletionTaggerTrainer(FoldedTrainer):
     """Picks the input's words to delete, on frozen MiniLM states."""
 
     Options = DeletionTaggerOptions
     options: DeletionTaggerOptions
 
-    def __init__(self, options: BaseModel | None = None) -> None:
-        super().__init__(options if options is not None else DeletionTaggerOptions())
-
-    def train(self, examples: list[Example], task: Task, out_dir: Path) -> dict[str, Any]:
-        figures, _ = self._train(examples, task, out_dir, folds=1)
-        return figures
-
-    def can_cross_fit(self) -> bool:
-        return True
-
-    def train_cross_fitted(self, examples: list[Example], task: Task, out_dir: Path,
-                           folds: int) -> tuple[dict[str, Any], list[Prediction]]:
-        return self._train(examples, task, out_dir, folds)
-
-    def _train(self, examples: list[Example], task: Task, out_dir: Path, folds: int
-               ) -> tuple[dict[str, Any], list[Prediction]]:
-        if not examples:
-            raise ValueError("no examples to train on")
+    def fit(self, examples: list[Example], task: Task, out_dir: Path, folds: int
+            ) -> tuple[dict[str, Any], list[Prediction]]:
         if not all(isinstance(e.target, str) for e in examples):
             raise ValueError("deletion-tagger needs answers that are text (a rewrite task)")
         started = time.perf_counter()

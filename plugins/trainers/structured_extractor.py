@@ -44,13 +44,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from gateway.hookspecs import hookimpl
-from gateway.interfaces import Example, Prediction, Student, Task, Trainer
+from gateway.interfaces import Example, Prediction, Student, Task
 from plugins.trainers.heads import softmax
 from plugins.trainers.minilm_encoder import Encoder, get_encoder
 from plugins.trainers.token_students import (
+    FoldedTrainer,
     FrozenEncoderOptions,
     assign_folds,
     fit_folds,
@@ -460,30 +461,14 @@ class StructuredExtractorStudent(Student):
             self.layout, model, enc, inputs, rows))
 
 
-class StructuredExtractorTrainer(Trainer):
+class StructuredExtractorTrainer(FoldedTrainer):
     """Per-field classifiers and a span tagger on frozen MiniLM states."""
 
     Options = StructuredExtractorOptions
     options: StructuredExtractorOptions
 
-    def __init__(self, options: BaseModel | None = None) -> None:
-        super().__init__(options if options is not None else StructuredExtractorOptions())
-
-    def train(self, examples: list[Example], task: Task, out_dir: Path) -> dict[str, Any]:
-        figures, _ = self._train(examples, out_dir, folds=1)
-        return figures
-
-    def can_cross_fit(self) -> bool:
-        return True
-
-    def train_cross_fitted(self, examples: list[Example], task: Task, out_dir: Path,
-                           folds: int) -> tuple[dict[str, Any], list[Prediction]]:
-        return self._train(examples, out_dir, folds)
-
-    def _train(self, examples: list[Example], out_dir: Path, folds: int
-               ) -> tuple[dict[str, Any], list[Prediction]]:
-        if not examples:
-            raise ValueError("no examples to train on")
+    def fit(self, examples: list[Example], task: Task, out_dir: Path, folds: int
+            ) -> tuple[dict[str, Any], list[Prediction]]:
         started = time.perf_counter()
         opts = self.options
         texts = [e.input for e in examples]

@@ -1,11 +1,13 @@
 """What the students that read the frozen encoder's token states share
-(``structured-extractor``, ``deletion-tagger``): their encoder options, one model per fold
-of the inputs, each answering its own fold, the L-BFGS linear fit they train their parts
+(``structured-extractor``, ``deletion-tagger``): their encoder options, the trainer whose
+one model and cross-fitted models come from one ``fit``, one model per fold of the inputs,
+each answering its own fold, the L-BFGS linear fit they train their parts
 with, and the artifact files (a JSON description, the weights with a fold axis)."""
 
 from __future__ import annotations
 
 import json
+from abc import abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,7 +15,7 @@ from typing import Any, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.interfaces import Prediction, input_fold
+from gateway.interfaces import Example, Prediction, Task, Trainer, input_fold
 from plugins.trainers.minilm_encoder import BUNDLED_ENCODER, Encoder, Quantize, get_encoder
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -30,6 +32,35 @@ class FrozenEncoderOptions(BaseModel):
     quantize: Quantize = Field(default="none", description="'int8' runs the encoder's "
                                "linear layers in int8; 'none' (float32) keeps the token "
                                "states exact")
+
+
+class FoldedTrainer(Trainer):
+    """A trainer whose one model and whose cross-fitted models come from the same
+    ``fit(examples, task, out_dir, folds)`` (one fold: a model on every example)."""
+
+    def __init__(self, options: BaseModel | None = None) -> None:
+        super().__init__(options if options is not None else self.Options())
+
+    @abstractmethod
+    def fit(self, examples: list[Example], task: Task, out_dir: Path, folds: int
+            ) -> tuple[dict[str, Any], list[Prediction]]:
+        """Write the artifact with ``folds`` models; return the figures and each example's
+        prediction by the model that did not train on it (in sample for one model)."""
+
+    def train(self, examples: list[Example], task: Task, out_dir: Path) -> dict[str, Any]:
+        if not examples:
+            raise ValueError("no examples to train on")
+        figures, _ = self.fit(examples, task, out_dir, 1)
+        return figures
+
+    def can_cross_fit(self) -> bool:
+        return True
+
+    def train_cross_fitted(self, examples: list[Example], task: Task, out_dir: Path,
+                           folds: int) -> tuple[dict[str, Any], list[Prediction]]:
+        if not examples:
+            raise ValueError("no examples to train on")
+        return self.fit(examples, task, out_dir, folds)
 
 
 def write_artifact(out_dir: Path, trainer: str, version: int, meta_file: str,
