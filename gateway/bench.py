@@ -53,6 +53,7 @@ class BenchOptions:
     out: Path | None = None
     min_examples: int | None = None
     retrain_every: int | None = None
+    min_share: float | None = None
     audit_rate: float = 0.02
     calibration: str = "crossfit"
     trainer: str | None = None
@@ -97,6 +98,8 @@ def bench_settings(options: BenchOptions, workdir: Path, stream: Path, rows: int
         "retrain_every": options.retrain_every or max(200, rows // 10),
         "calibration": options.calibration,
     }
+    if options.min_share is not None:
+        policy["min_share"] = options.min_share
     task: dict[str, Any] = {
         "plugin": options.task,
         "options": task_options,

@@ -26,7 +26,7 @@ from gateway.runtime import Runtime, TaskRuntime
 from gateway.schemas import ChatCompletionRequest, first_content
 from gateway.store import ExchangeRecord
 from gateway.student_answers import Auditor, completion_body, student_can_answer, student_sse
-from gateway.students import LoadedStudent
+from gateway.students import PROBE_EVERY, LoadedStudent
 from gateway.teacher import TeacherStream, Usage
 
 log = logging.getLogger("distill_gateway")
@@ -189,20 +189,42 @@ class Cascade:
         loaded = self.runtime.students.get(task.name)
         if loaded is None or record.task_input is None:
             return None
+        if not loaded.guard.ask():
+            self.metrics.student_passed_over.labels(task.metric_label).inc()
+            return None
         try:
             prediction = await loaded.batcher.predict(record.task_input)
         except Exception:
             log.exception("student %s %s failed; escalating", task.name, loaded.version)
+            self._guard(loaded, False)
             return None
         record.student_version = loaded.version
         record.student_target = prediction.target
         record.student_confidence = prediction.confidence
         loaded.stats.seen += 1
         self.metrics.student_confidence.labels(task.metric_label).observe(prediction.confidence)
-        if not loaded.serves(prediction):
+        serves = loaded.serves(prediction)
+        self._guard(loaded, serves)
+        if not serves:
             return None
         loaded.stats.served += 1
         return loaded
+
+    @staticmethod
+    def _guard(loaded: LoadedStudent, served: bool) -> None:
+        guard = loaded.guard
+        if not guard.record(served):
+            return
+        if guard.passing_over:
+            log.warning(
+                "task %s: student %s answered %d of the last %d requests it was asked, under "
+                "policy.min_share %s; asking it one request in %d, the rest go to the teacher",
+                loaded.task, loaded.version, guard.served, guard.seen, guard.min_share,
+                PROBE_EVERY,
+            )
+        else:
+            log.info("task %s: student %s answers again (%d of the last %d); asking it every "
+                     "request", loaded.task, loaded.version, guard.served, guard.seen)
 
     def _serve_student(
         self,

@@ -35,6 +35,8 @@ def cascade(
     out_file: Annotated[Path | None, typer.Option("--out", help="report JSON")] = None,
     min_examples: Annotated[int | None, typer.Option(help="policy override")] = None,
     retrain_every: Annotated[int | None, typer.Option(help="policy override")] = None,
+    min_share: Annotated[float | None, typer.Option(help="policy override (0: always ask "
+                                                         "the student)")] = None,
     audit_rate: Annotated[float, typer.Option(help="share of student answers audited")] = 0.02,
     calibration: Annotated[
         str, typer.Option(help="crossfit | bound | naive (baseline)")
@@ -75,6 +77,7 @@ def cascade(
             out=out_file,
             min_examples=min_examples,
             retrain_every=retrain_every,
+            min_share=min_share,
             audit_rate=audit_rate,
             calibration=calibration,
             trainer=trainer,

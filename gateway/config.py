@@ -135,6 +135,18 @@ class PolicyConfig(_Strict):
     calibration_folds: int = Field(
         default=5, ge=2, le=20, description="folds (models) when calibration is crossfit"
     )
+    min_share: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        description="an active student that answered less than this share of the last "
+        "min_share_window (or more) requests it was asked is asked only one request in 10 "
+        "until it answers more; the rest go straight to the teacher without waiting for "
+        "its prediction (0: always ask)",
+    )
+    min_share_window: int = Field(
+        default=200, ge=10, description="requests the student's share is judged over"
+    )
     drift_window: int = Field(
         default=500, ge=30, description="audits the drift guard looks back over"
     )

@@ -61,6 +61,7 @@ class DriftGuard:
         threshold = stricter_threshold(loaded, policy.target_agreement, policy.confidence_level)
         previous = loaded.threshold
         loaded.stats = LiveStats()  # fresh evidence for the new setting
+        loaded.guard.reset()
         metrics = self.runtime.metrics
         registry = self.runtime.registry
         engine = self.runtime.store.engine

@@ -93,6 +93,13 @@ class GatewayMetrics:
             buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0),
             registry=r,
         )
+        self.student_passed_over = Counter(
+            "distill_student_passed_over",
+            "Requests sent straight to the teacher without asking the active student, which "
+            "answered less than policy.min_share of the recent requests it was asked.",
+            ["task"],
+            registry=r,
+        )
         self.student_share = Gauge(
             "distill_student_share",
             "Share of this task's answers served by the student (since start).",

@@ -152,7 +152,9 @@ class Runtime:
         )
         self.metrics.watch_store(self.store)
         self.registry = Registry(self.store.engine, settings.artifact_store())
-        self.students = StudentPool(self.registry, self.plugins, self.tasks)
+        guards = {name: (task.policy.min_share, task.policy.min_share_window)
+                  for name, task in settings.tasks.items()}
+        self.students = StudentPool(self.registry, self.plugins, self.tasks, guards)
 
         def swapped(task: str, version: str | None) -> None:
             loaded = self.students.get(task)

@@ -154,6 +154,58 @@ class LiveStats:
         return self.served / self.seen if self.seen else 0.0
 
 
+PROBE_EVERY = 10  # while a student is passed over, it is still asked one request in this many
+
+
+@dataclass
+class ShareGuard:
+    """Passes over a student that hardly ever answers (``policy.min_share``).
+
+    Every request a student is asked waits for its prediction, and one that escalates pays
+    for the teacher on top: with a generative student (~0.6 s a request on 2 cores) that
+    answers almost nothing, all traffic gets that much slower for nothing. Once the student
+    answered less than ``min_share`` of the last ``window`` or more requests it was asked,
+    only one request in ``PROBE_EVERY`` is put to it (so a recovery is seen: a lower
+    threshold after audits, other traffic) and the rest go straight to the teacher, until
+    its share over the probes is back at ``min_share``.
+    """
+
+    min_share: float
+    window: int
+    seen: int = 0
+    served: int = 0
+    passed_over: int = 0  # requests sent straight to the teacher since the last probe
+
+    @property
+    def passing_over(self) -> bool:
+        return (self.min_share > 0 and self.seen >= self.window
+                and self.served < self.min_share * self.seen)
+
+    def ask(self) -> bool:
+        """Whether to put this request to the student."""
+        if not self.passing_over:
+            return True
+        self.passed_over += 1
+        if self.passed_over >= PROBE_EVERY:
+            self.passed_over = 0
+            return True
+        return False
+
+    def record(self, served: bool) -> bool:
+        """Count one request the student was asked; True when that started or ended its
+        being passed over."""
+        before = self.passing_over
+        self.seen += 1
+        self.served += served
+        if self.seen >= 2 * self.window:  # forget the older half: follow the recent traffic
+            self.seen //= 2
+            self.served //= 2
+        return self.passing_over != before
+
+    def reset(self) -> None:
+        self.seen = self.served = self.passed_over = 0
+
+
 @dataclass
 class LoadedStudent:
     task: str
@@ -163,6 +215,7 @@ class LoadedStudent:
     batcher: MicroBatcher
     held_out: tuple[list[float], list[bool]] | None = None
     stats: LiveStats = field(default_factory=LiveStats)
+    guard: ShareGuard = field(default_factory=lambda: ShareGuard(0.0, 1))
 
     def serves(self, prediction: Prediction) -> bool:
         return (
@@ -243,10 +296,12 @@ def limit_blas_threads() -> None:
 class StudentPool:
     """The active student of each task on this replica."""
 
-    def __init__(self, registry: Registry, plugins: Plugins, tasks: dict[str, Any]) -> None:
+    def __init__(self, registry: Registry, plugins: Plugins, tasks: dict[str, Any],
+                 guards: dict[str, tuple[float, int]] | None = None) -> None:
         self.registry = registry
         self.plugins = plugins
         self.tasks = tasks  # name -> TaskRuntime
+        self.guards = guards or {}  # name -> (policy.min_share, policy.min_share_window)
         self.current: dict[str, LoadedStudent] = {}
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill-student")
         limit_blas_threads()
@@ -268,6 +323,7 @@ class StudentPool:
         trainer = trainer_class(trainer_class.Options.model_validate(version.options))
         directory = self.registry.local_artifact(version)  # downloaded once if remote
         student = trainer.load(directory, runtime.task)
+        min_share, window = self.guards.get(version.task, (0.0, 1))
         return LoadedStudent(
             task=version.task,
             version=version.version,
@@ -275,6 +331,7 @@ class StudentPool:
             student=student,
             batcher=MicroBatcher(sized_threads(student.predict_parts), self.executor),
             held_out=read_held_out(directory),
+            guard=ShareGuard(min_share, window),
         )
 
     async def refresh(self) -> None:
@@ -287,7 +344,9 @@ class StudentPool:
                     continue
                 loaded = self.current.get(task)
                 if loaded is not None and loaded.version == version:
-                    loaded.threshold = threshold  # recalibrated in place
+                    if loaded.threshold != threshold:
+                        loaded.threshold = threshold  # recalibrated in place
+                        loaded.guard.reset()  # its share is another one now
                     continue
                 try:
                     record = await loop.run_in_executor(

@@ -32,7 +32,8 @@ def label_teacher(body: dict[str, Any]) -> str:
     return QUESTIONS.get(body["messages"][-1]["content"], "card_arrival")
 
 
-def cascade_settings(tmp_path: Path, teacher: TeacherServer, audit_rate: float = 0.0) -> Settings:
+def cascade_settings(tmp_path: Path, teacher: TeacherServer, audit_rate: float = 0.0,
+                     **policy: Any) -> Settings:
     return make_settings(
         tmp_path,
         teacher,
@@ -50,6 +51,7 @@ def cascade_settings(tmp_path: Path, teacher: TeacherServer, audit_rate: float =
                     "min_examples": 20,
                     "holdout_fraction": 0.25,
                     "audit_rate": audit_rate,
+                    **policy,
                 },
             }
         },
@@ -72,10 +74,8 @@ def wait_for_student(app: Any, version: str, timeout: float = 10) -> None:
     raise AssertionError(f"the gateway did not pick up {version}")
 
 
-@pytest.fixture
-def trained_gateway(tmp_path: Path, teacher: TeacherServer):  # type: ignore[no-untyped-def]
-    teacher.responder = label_teacher
-    settings = cascade_settings(tmp_path, teacher, audit_rate=1.0)
+def serve_trained(settings: Settings):  # type: ignore[no-untyped-def]
+    """A running gateway whose student was trained on QUESTIONS' teacher answers."""
     app = create_app(settings)
     with GatewayServer(app) as gateway:
         client = openai.OpenAI(base_url=gateway.base_url, api_key="k", max_retries=0)
@@ -87,6 +87,12 @@ def trained_gateway(tmp_path: Path, teacher: TeacherServer):  # type: ignore[no-
         assert result.version is not None
         wait_for_student(app, result.version.version)
         yield app, gateway, client, result
+
+
+@pytest.fixture
+def trained_gateway(tmp_path: Path, teacher: TeacherServer):  # type: ignore[no-untyped-def]
+    teacher.responder = label_teacher
+    yield from serve_trained(cascade_settings(tmp_path, teacher, audit_rate=1.0))
 
 
 def test_student_serves_confident_requests_and_escalates_the_rest(
@@ -209,6 +215,70 @@ def test_rollback_returns_to_teacher_only(trained_gateway: Any) -> None:
         time.sleep(0.05)
     seen = next(t for t in QUESTIONS if t not in _held_out(app))
     assert ask(client, seen).headers["x-distill-served-by"] == "teacher"
+
+
+def test_a_student_that_hardly_answers_is_asked_one_request_in_ten(
+    tmp_path: Path, teacher: TeacherServer
+) -> None:
+    teacher.responder = label_teacher
+    settings = cascade_settings(tmp_path, teacher, min_share=0.2, min_share_window=10)
+    gateway_run = serve_trained(settings)
+    app, gateway, client, result = next(gateway_run)
+    try:
+        _check_share_guard(app, gateway, client, result.version.version, settings)
+    finally:
+        gateway_run.close()
+
+
+def _check_share_guard(app: Any, gateway: GatewayServer, client: openai.OpenAI, version: str,
+                       settings: Settings) -> None:
+
+    def asked(text: str) -> bool:
+        raw = ask(client, text)
+        assert raw.parse().choices[0].message.content  # every request is answered
+        return raw.headers.get("x-distill-student-version") == version
+
+    # Questions the student knows no word of (numbers it does: "issue 7"): asked, never
+    # confident enough to answer.
+    assert all(asked(f"a question nobody asked before {'z' * i}") for i in range(10))
+    passed = [asked(f"another question nobody asked {'z' * i}") for i in range(30)]
+    assert passed == ([False] * 9 + [True]) * 3  # a probe every 10 requests
+    metrics = httpx.get(gateway.url + "/metrics").text
+    assert 'distill_student_passed_over_total{task="support-intents"} 27.0' in metrics
+    # The records say the same: only the probes carry the student's guess.
+    assert app.state.runtime.store.flush(10)
+    rows = app.state.runtime.store.fetch(limit=1000, served_by="teacher")
+    probed = [r for r in rows if r["task_input"].startswith("another")
+              and r["student_version"] == version]
+    assert len(probed) == 3
+    # A new threshold makes the student's share another one: it is asked again at once.
+    Workspace(settings).registry.set_threshold("support-intents", version, 0.99)
+    deadline = time.monotonic() + 10
+    while app.state.runtime.students.get("support-intents").threshold != 0.99:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert asked("one more question nobody asked")
+
+
+def test_share_guard_probes_and_recovers() -> None:
+    from gateway.students import PROBE_EVERY, ShareGuard
+
+    guard = ShareGuard(min_share=0.1, window=20)
+    changes = [guard.record(False) for _ in range(19)]
+    assert not any(changes) and not guard.passing_over  # under the window: no judgement yet
+    assert guard.record(False) and guard.passing_over  # 0 of 20
+    asks = [guard.ask() for _ in range(3 * PROBE_EVERY)]
+    assert sum(asks) == 3 and asks[PROBE_EVERY - 1]
+    assert not guard.record(True)  # a probe answered: 1 of 21, still under 0.1
+    assert not guard.record(True)  # 2 of 22
+    assert guard.record(True) and not guard.passing_over  # 3 of 23: back
+    assert all(guard.ask() for _ in range(5))
+    for _ in range(200):  # the older half is forgotten: the share follows recent requests
+        guard.record(False)
+    assert guard.seen < 40 and guard.passing_over
+    assert all(ShareGuard(0.0, 10).ask() for _ in range(50))  # min_share 0: always asked
+    guard.reset()
+    assert guard.seen == 0 and not guard.passing_over
 
 
 def test_too_few_examples_trains_nothing(tmp_path: Path, teacher: TeacherServer) -> None:
