@@ -12,6 +12,7 @@ waiting; metrics are updated in the same place so the two never disagree.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import GatewayError, ModelNotFound
+from gateway.events import record_event
 from gateway.interfaces import InvalidTarget
 from gateway.runtime import Runtime, TaskRuntime
 from gateway.schemas import ChatCompletionRequest, first_content
@@ -210,21 +212,29 @@ class Cascade:
         loaded.stats.served += 1
         return loaded
 
-    @staticmethod
-    def _guard(loaded: LoadedStudent, served: bool) -> None:
+    def _guard(self, loaded: LoadedStudent, served: bool) -> None:
+        """Count the request for the share guard; a change of its state is logged and
+        stored as an event (off the event loop), which ``distill-gateway status`` shows."""
         guard = loaded.guard
         if not guard.record(served):
             return
+        details = {"version": loaded.version, "served": guard.served, "asked": guard.seen,
+                   "min_share": guard.min_share}
         if guard.passing_over:
-            log.warning(
-                "task %s: student %s answered %d of the last %d requests it was asked, under "
-                "policy.min_share %s; asking it one request in %d, the rest go to the teacher",
-                loaded.task, loaded.version, guard.served, guard.seen, guard.min_share,
-                PROBE_EVERY,
+            kind = "student_passed_over"
+            message = (
+                f"student {loaded.version} answered {guard.served} of the last {guard.seen} "
+                f"requests it was asked, under policy.min_share {guard.min_share}: asking it "
+                f"one request in {PROBE_EVERY}, the rest go to the teacher"
             )
+            log.warning("task %s: %s", loaded.task, message)
         else:
-            log.info("task %s: student %s answers again (%d of the last %d); asking it every "
-                     "request", loaded.task, loaded.version, guard.served, guard.seen)
+            kind = "student_asked_again"
+            message = (f"student {loaded.version} answers again ({guard.served} of the last "
+                       f"{guard.seen}): asking it every request")
+        asyncio.get_running_loop().run_in_executor(
+            None, record_event, self.store.engine, loaded.task, kind, message, details
+        )
 
     def _serve_student(
         self,

@@ -251,6 +251,16 @@ def _check_share_guard(app: Any, gateway: GatewayServer, client: openai.OpenAI, 
     probed = [r for r in rows if r["task_input"].startswith("another")
               and r["student_version"] == version]
     assert len(probed) == 3
+    # ... and so does an event (`distill-gateway status` prints the last one).
+    engine = app.state.runtime.store.engine
+    deadline = time.monotonic() + 10
+    while not (events := [e for e in recent_events(engine, "support-intents")
+                          if e["kind"] == "student_passed_over"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert len(events) == 1 and "under policy.min_share 0.2" in events[0]["message"]
+    assert events[0]["details"] == {"version": version, "served": 0, "asked": 10,
+                                    "min_share": 0.2}
     # A new threshold makes the student's share another one: it is asked again at once.
     Workspace(settings).registry.set_threshold("support-intents", version, 0.99)
     deadline = time.monotonic() + 10
