@@ -170,8 +170,8 @@ class ShareGuard:
     its share over the probes is back at ``min_share``.
     """
 
-    min_share: float
-    window: int
+    min_share: float = 0.0  # 0: never passed over
+    window: int = 1
     seen: int = 0
     served: int = 0
     passed_over: int = 0  # requests sent straight to the teacher since the last probe
@@ -215,7 +215,7 @@ class LoadedStudent:
     batcher: MicroBatcher
     held_out: tuple[list[float], list[bool]] | None = None
     stats: LiveStats = field(default_factory=LiveStats)
-    guard: ShareGuard = field(default_factory=lambda: ShareGuard(0.0, 1))
+    guard: ShareGuard = field(default_factory=ShareGuard)
 
     def serves(self, prediction: Prediction) -> bool:
         return (
@@ -323,7 +323,6 @@ class StudentPool:
         trainer = trainer_class(trainer_class.Options.model_validate(version.options))
         directory = self.registry.local_artifact(version)  # downloaded once if remote
         student = trainer.load(directory, runtime.task)
-        min_share, window = self.guards.get(version.task, (0.0, 1))
         return LoadedStudent(
             task=version.task,
             version=version.version,
@@ -331,7 +330,7 @@ class StudentPool:
             student=student,
             batcher=MicroBatcher(sized_threads(student.predict_parts), self.executor),
             held_out=read_held_out(directory),
-            guard=ShareGuard(min_share, window),
+            guard=ShareGuard(*self.guards.get(version.task, ())),
         )
 
     async def refresh(self) -> None:
