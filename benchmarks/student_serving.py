@@ -3,7 +3,11 @@
 Rerunnable: ``.venv/bin/python benchmarks/student_serving.py [--out FILE]``.
 
 1. Imports Banking77 train (10,003 rows, gold label as the teacher's answer) into a
-   fresh SQLite store and times ``distill-gateway train`` (retrain time on 10k).
+   fresh SQLite store and times ``distill-gateway train`` (retrain time on 10k) three
+   ways: a round on all but the last 500 rows with the feature cache on (the default),
+   then, after those 500 are imported, a round on all 10k that encodes only them, and
+   the same 10k round with the cache off, which encodes every input as a first round
+   does.
 2. Serves the gateway as a user does (``distill-gateway serve``, one worker) with the
    trained classify student active; the teacher is a local OpenAI-compatible server
    (``gateway.testing.teacher_server``), reached the way an OpenAI teacher is.
@@ -41,18 +45,22 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # loadgen, a sibling script
 from loadgen import raw_load
 
+from gateway.feature_cache import CACHE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "banking77"
 sys.path.insert(0, str(ROOT))  # the plugins, for the encoder ceiling
 BIN = Path(sys.executable).parent
 # No TOKENIZERS_PARALLELISM here: the encoder turns the tokenizer's thread pool off itself,
 # in the gateway and in this process's encoder ceiling alike, so both run as a user's do.
+#: Rows that arrive between the two cached rounds (the rest were encoded by the first).
+NEW = 500
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
 
 
-def run(*args: str, cwd: Path) -> float:
+def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> float:
     started = time.perf_counter()
-    subprocess.run([str(BIN / "distill-gateway"), *args], cwd=cwd, env=ENV, check=True,
+    subprocess.run([str(BIN / "distill-gateway"), *args], cwd=cwd, env=env or ENV, check=True,
                    stdout=subprocess.DEVNULL)
     return time.perf_counter() - started
 
@@ -167,12 +175,22 @@ def main() -> None:
             }},
             "server": {"log_level": "warning"}, "loop": {"enabled": False},
         }))
-        logs = work / "train.jsonl"
-        logs.write_text("".join(json.dumps({"text": r["text"], "teacher": r["category"]}) + "\n"
-                                for r in rows))
-        run("import", "support-intents", str(logs), "--config", str(config), cwd=work)
+        # Rounds with the feature cache (the default): one over all but the last NEW rows,
+        # then one after they arrive, which encodes only them; then the same 10k round
+        # with the cache off, which encodes everything as a first round does.
+        cached_env = {**ENV, CACHE_ENV: str(work / "features")}
+        for name, part in (("old.jsonl", rows[:-NEW]), ("new.jsonl", rows[-NEW:])):
+            (work / name).write_text("".join(
+                json.dumps({"text": r["text"], "teacher": r["category"]}) + "\n" for r in part))
+            run("import", "support-intents", str(work / name), "--config", str(config),
+                cwd=work)
+            seconds = run("train", "support-intents", "--config", str(config), "--promote",
+                          "always", cwd=work, env=cached_env)
+            if name == "old.jsonl":
+                first_round_s, first_trainer_s = seconds, trainer_seconds(work / "bench.db")
+        cached_s, cached_trainer_s = seconds, trainer_seconds(work / "bench.db")
         retrain_s = run("train", "support-intents", "--config", str(config), "--promote",
-                        "always", cwd=work)
+                        "always", cwd=work, env={**ENV, CACHE_ENV: ""})
         trainer_s = trainer_seconds(work / "bench.db")
         port = free_port()
         teacher = subprocess.Popen([sys.executable, "-m", "gateway.testing.teacher_server",
@@ -249,6 +267,11 @@ def main() -> None:
     report = {
         "retrain_10k_seconds": round(retrain_s, 1),
         "retrain_10k_trainer_seconds": trainer_s,
+        "retrain_10k_cached_seconds": round(cached_s, 1),
+        "retrain_10k_cached_trainer_seconds": cached_trainer_s,
+        "retrain_new_rows": NEW,
+        "first_round_seconds": round(first_round_s, 1),
+        "first_round_trainer_seconds": first_trainer_s,
         "student_share_of_test_requests": len(student_ms) / len(all_ms) if all_ms else 0.0,
         "student_p50_ms": round(statistics.median(student_ms), 2) if student_ms else None,
         "student_p99_ms": round(pct(student_ms, 0.99), 2) if student_ms else None,

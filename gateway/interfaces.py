@@ -129,6 +129,17 @@ class Student(ABC):
         delivers the whole batch from ``predict``."""
         deliver(list(range(len(inputs))), self.predict(inputs))
 
+    def predict_offline(self, inputs: list[str]) -> list[Prediction]:
+        """Predict a whole data set, off the serving path: a training round's evaluations
+        (a candidate on held-out labels, the active version against it) call this. The
+        default is ``predict`` in batches of 64; a student may reuse work kept between
+        rounds (the embedding classifier reads its inputs' features from the feature
+        cache)."""
+        out: list[Prediction] = []
+        for start in range(0, len(inputs), 64):
+            out.extend(self.predict(inputs[start : start + 64]))
+        return out
+
 
 class Trainer(ABC):
     """Trains a student from examples into an artifact directory, and loads it back."""

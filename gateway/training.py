@@ -33,8 +33,6 @@ from gateway.students import write_held_out
 
 log = logging.getLogger("distill_gateway.training")
 
-PREDICT_BATCH = 64
-
 
 class TrainingError(RuntimeError):
     pass
@@ -89,13 +87,6 @@ def split(examples: list[Example], fraction: float) -> tuple[list[Example], list
     return train, held_out
 
 
-def predict_all(student: Student, inputs: list[str]) -> list[Prediction]:
-    out: list[Prediction] = []
-    for start in range(0, len(inputs), PREDICT_BATCH):
-        out.extend(student.predict(inputs[start : start + PREDICT_BATCH]))
-    return out
-
-
 def judge(
     task: Task, predictions: list[Prediction], examples: list[Example]
 ) -> tuple[list[float], list[bool]]:
@@ -118,7 +109,7 @@ class Evaluation:
 def evaluate(
     student: Student, task: Task, held_out: list[Example], target: float, confidence_level: float
 ) -> Evaluation:
-    predictions = predict_all(student, [e.input for e in held_out])
+    predictions = student.predict_offline([e.input for e in held_out])
     return judged(task, predictions, held_out, target, confidence_level)
 
 
@@ -295,7 +286,7 @@ class Workspace:
             fold_dir = workdir / f"fold{fold}"
             fold_dir.mkdir()
             trainer.train(rest, task, fold_dir)
-            predictions = predict_all(trainer.load(fold_dir, task), [e.input for e in held])
+            predictions = trainer.load(fold_dir, task).predict_offline([e.input for e in held])
             c, a = judge(task, predictions, held)
             confidences += c
             agrees += a

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 
 from gateway.app import create_app
 from gateway.config import Settings, load_settings
+from gateway.feature_cache import CACHE_ENV
 from gateway.testing.teacher_server import TeacherServer
 from tests.servers import GatewayServer
 
@@ -21,6 +22,18 @@ PG_ADMIN_URL = os.environ.get(
     "DISTILL_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 LABELS = ["card_arrival", "card_linking", "exchange_rate"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _feature_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Trainers and the dedup filter keep features in ./artifacts/features by default: the
+    tests share a cache of their own instead (CLI subprocesses inherit it)."""
+    if CACHE_ENV in os.environ:
+        yield
+        return
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("features"))
+    yield
+    del os.environ[CACHE_ENV]
 
 
 @pytest.fixture(scope="session")

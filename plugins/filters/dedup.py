@@ -38,12 +38,14 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable
 from functools import cache
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.feature_cache import CACHE_ENV, FeatureCache, cache_root, files_fingerprint
 from gateway.hookspecs import hookimpl
 from gateway.interfaces import Example, Filter, Task
 from gateway.students import all_threads
@@ -196,11 +198,15 @@ def mean_pooled(path: str) -> bool:
     return modes.get("pooling_mode_mean_tokens") is True and sum(map(bool, modes.values())) == 1
 
 
+def resolved_precision(precision: Precision) -> str:
+    if precision == "auto":
+        return "bfloat16" if native_bf16() else "float32"
+    return precision
+
+
 def _encoder(model: str | None, precision: Precision) -> _Encoder:
     path = model or default_model_path()
-    dtype = precision
-    if dtype == "auto":
-        dtype = "bfloat16" if native_bf16() else "float32"
+    dtype = resolved_precision(precision)
     with _ENCODERS_LOCK:
         encoder = _ENCODERS.get((path, dtype))
         if encoder is None:
@@ -370,6 +376,12 @@ class DedupOptions(BaseModel):
         description="embeddings kept in memory per process between runs (about 1.5 kB each), "
         "so a retraining round encodes only new inputs; 0 disables the cache",
     )
+    feature_cache: str | None = Field(
+        default="./artifacts/features",
+        description="directory where embeddings are also kept on disk between rounds (about "
+        f"1.5 kB per input), since rounds run in a fresh process by default; null: off. The "
+        f"{CACHE_ENV} environment variable overrides it (empty: off)",
+    )
 
 
 class DedupFilter(Filter):
@@ -389,15 +401,7 @@ class DedupFilter(Filter):
 
         threshold = self.options.near_duplicate_threshold
         if threshold is not None and len(survivors) > 1:
-            embeddings = embed(
-                [str(examples[i].input) for i in survivors],
-                self.options.model,
-                self.options.batch_size,
-                self.options.cache_size,
-                self.options.threads,
-                self.options.precision,
-                self.options.workers,
-            )
+            embeddings = self._embeddings([str(examples[i].input) for i in survivors])
             same: Callable[[int, int], bool] | None = None
             if self.options.same_target_only:
 
@@ -411,6 +415,24 @@ class DedupFilter(Filter):
         for index in survivors:
             results[index] = examples[index]
         return results
+
+    def _embeddings(self, texts: list[str]) -> np.ndarray:
+        """Through the in-process cache and, when on, the feature cache on disk (rounds
+        run in a fresh process by default: only the disk one survives between them)."""
+        opts = self.options
+
+        def compute(missing: list[str]) -> dict[str, np.ndarray]:
+            return {"embedding": embed(missing, opts.model, opts.batch_size, opts.cache_size,
+                                       opts.threads, opts.precision, opts.workers)}
+
+        root = cache_root(opts.feature_cache)
+        if root is None:
+            return compute(texts)["embedding"]
+        path = opts.model or default_model_path()
+        key = {"producer": "dedup", "format": 1, "model": path,
+               "weights": files_fingerprint(path),
+               "precision": resolved_precision(opts.precision), "torch": package_version("torch")}
+        return FeatureCache(root, key).get(texts, compute)["embedding"]
 
 
 @hookimpl

@@ -51,12 +51,14 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gateway.feature_cache import CACHE_ENV, FeatureCache, cache_root, files_fingerprint
 from gateway.hookspecs import hookimpl
 from gateway.interfaces import (
     Deliver,
@@ -83,7 +85,7 @@ from plugins.trainers.heads import (  # noqa: F401  (re-exported for callers)
     knn_probs,
     softmax,
 )
-from plugins.trainers.minilm_encoder import (  # noqa: F401  (re-exported for callers)
+from plugins.trainers.minilm_encoder import (
     BUNDLED_ENCODER,
     Encoder,
     Quantize,
@@ -184,6 +186,12 @@ class EmbeddingClassifierOptions(BaseModel):
         "than one pass; passes of even work instead of even size, ~10% more with one "
         "caller per core and ~19% more with one caller on 2 cores)")
     seed: int = Field(default=0, description="seed of the cross-fitting split")
+    feature_cache: str | None = Field(
+        default="./artifacts/features",
+        description="directory where the frozen encoder's features of training inputs "
+        "are kept between rounds, so a round encodes only the inputs no earlier round did "
+        f"(about 6 kB per input); null: encode everything every round. The {CACHE_ENV} "
+        "environment variable overrides it (empty: off)")
 
     @field_validator("layers")
     @classmethod
@@ -263,6 +271,30 @@ def contrastive_finetune(encoder: Encoder, texts: Sequence[str], y: np.ndarray,
 # --- trainer and student ----------------------------------------------------------------
 
 
+def frozen_features(encoder: Encoder, texts: Sequence[str],
+                    options: EmbeddingClassifierOptions) -> tuple[np.ndarray, np.ndarray]:
+    """``encoder.encode`` of training inputs through the feature cache (when on): the
+    frozen encoder gives an input the same features every round, up to int8's per-pass
+    activation scales, which move them far less than the heads can tell."""
+    root = cache_root(options.feature_cache)
+
+    def compute(missing: list[str]) -> dict[str, np.ndarray]:
+        emb, feats = encoder.encode(missing, options.layers, options.max_tokens,
+                                    options.batch_size)
+        return {"embedding": emb, "features": feats}
+
+    if root is None:
+        arrays = compute(list(texts))
+    else:
+        path = encoder_path(options.encoder)
+        key = {"producer": "embedding-classifier", "format": 1, "encoder": path,
+               "weights": files_fingerprint(path), "quantize": options.quantize,
+               "layers": [encoder.layer_index(layer) for layer in options.layers],
+               "max_tokens": options.max_tokens, "torch": package_version("torch")}
+        arrays = FeatureCache(root, key).get(texts, compute)
+    return arrays["embedding"], arrays["features"]
+
+
 def predictions(targets: list[Any], pred: np.ndarray, conf: np.ndarray) -> list[Prediction]:
     """What each label index answers, with its confidence."""
     return [Prediction(target=targets[int(i)], confidence=float(c))
@@ -310,6 +342,20 @@ class EmbeddingClassifierStudent(Student):
         self.encoder.encode(inputs, opts.layers, opts.max_tokens, opts.predict_batch_size,
                             on_rows=on_rows)
 
+    def predict_offline(self, inputs: list[str]) -> list[Prediction]:
+        """A round's evaluation of this version: the frozen encoder's features through the
+        feature cache, so the inputs earlier rounds encoded are not encoded again (the
+        active version is evaluated on every label each round). A tuned encoder is this
+        artifact's own: its features are computed, never cached."""
+        if not inputs:
+            return []
+        if self.meta.get("encoder", {}).get("finetuned"):
+            emb, feats = self.encoder.encode(inputs, self.options.layers,
+                                             self.options.max_tokens, self.options.batch_size)
+        else:
+            emb, feats = frozen_features(self.encoder, inputs, self.options)
+        return self._answers(emb, feats, inputs)
+
     def _answers(self, emb: np.ndarray, feats: np.ndarray, inputs: list[str]
                  ) -> list[Prediction]:
         if isinstance(self.head, FoldedHead):
@@ -350,9 +396,10 @@ class EmbeddingClassifierTrainer(Trainer):
             # safetensors, and loading quantises it again the same way.
             tuned.save(out_dir / ENCODER_DIR)
             encoder = tuned.quantized() if opts.quantize == "int8" else tuned
+            emb, feats = encoder.encode(texts, opts.layers, opts.max_tokens, opts.batch_size)
         else:  # the shared frozen one; not loaded at all when tuning a private copy
             encoder = get_encoder(opts.encoder, opts.quantize)
-        emb, feats = encoder.encode(texts, opts.layers, opts.max_tokens, opts.batch_size)
+            emb, feats = frozen_features(encoder, texts, opts)
         encoded = time.perf_counter()
         head, figures = fit_head(emb, feats, y, labels, opts, calibration_rows)
         figures.update(tune_figures)
@@ -378,7 +425,7 @@ class EmbeddingClassifierTrainer(Trainer):
             raise ValueError(f"{len(examples)} examples all fall in one fold: too few to "
                              "cross-fit")
         encoder = get_encoder(opts.encoder, opts.quantize)
-        emb, feats = encoder.encode(texts, opts.layers, opts.max_tokens, opts.batch_size)
+        emb, feats = frozen_features(encoder, texts, opts)
         encoded = time.perf_counter()
         head = cross_fit_heads(emb, feats, y, labels, fold_of, folds, opts)
         pred, conf = head.predict(emb, feats, opts, fold_of)  # each row as served: out of fold
