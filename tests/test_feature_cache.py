@@ -199,3 +199,26 @@ def test_a_round_evaluates_a_version_from_the_cache(monkeypatch: pytest.MonkeyPa
     np.testing.assert_allclose([p.confidence for p in offline],
                                [p.confidence for p in served], atol=1e-4)
     assert student.predict_offline([]) == []
+
+
+def test_concurrent_rounds_read_write_and_compact_safely(tmp_path: Path) -> None:
+    """Rounds of different tasks may share a cache directory: while some add shards,
+    others compact and delete the shards they read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    vocabulary = [f"text {i}" for i in range(60)]
+
+    def rounds(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(12):
+            texts = [vocabulary[i] for i in rng.choice(len(vocabulary), 20)]
+            out = FeatureCache(tmp_path, {"k": 1}, max_shards=2).get(texts, Producer())
+            np.testing.assert_array_equal(out["vector"], Producer()(texts)["vector"])
+            assert out["length"].tolist() == [len(t) for t in texts]
+
+    with ThreadPoolExecutor(4) as pool:
+        for future in [pool.submit(rounds, seed) for seed in range(4)]:
+            future.result()
+    [directory] = tmp_path.iterdir()
+    assert not list(directory.glob(".*.tmp"))
+    assert 1 <= len(shards(directory)) <= 2 + 4  # compacted, give or take concurrent adds
