@@ -291,6 +291,13 @@ class Settings(BaseSettings):
         local = self.artifacts_cache if is_url(self.artifacts) else self.artifacts
         return Path(self.store.spool_dir or Path(local) / "spool")
 
+    @property
+    def feature_cache_dir(self) -> Path:
+        """Where trainers and filters keep features between rounds (``feature_cache: auto``,
+        unless ``DISTILL_FEATURE_CACHE`` says otherwise): beside the local artifacts."""
+        local = self.artifacts_cache if is_url(self.artifacts) else self.artifacts
+        return Path(local) / "features"
+
     def artifact_store(self) -> ArtifactStore:
         return ArtifactStore(self.artifacts, self.artifacts_cache, self.artifacts_options)
 

@@ -35,10 +35,13 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-#: Overrides every plugin's cache directory option (an empty value turns caching off).
+#: Where plugins whose ``feature_cache`` option is ``auto`` keep features (empty: nowhere).
 CACHE_ENV = "DISTILL_FEATURE_CACHE"
+AUTO = "auto"
+DEFAULT_DIR = "./artifacts/features"
 SUFFIX = ".safetensors"
 DIGEST = "digest"
+STALE_TMP_S = 3600
 
 Arrays = dict[str, np.ndarray]
 
@@ -58,10 +61,16 @@ def files_fingerprint(path: str | Path) -> list[tuple[str, int, int]]:
 
 
 def cache_root(configured: str | None) -> Path | None:
-    """The cache directory: the environment variable, else the plugin's option; None
-    (caching off) when the one that applies is empty or null."""
-    value = os.environ.get(CACHE_ENV, configured)
-    return Path(value).expanduser() if value else None
+    """The cache directory a plugin's ``feature_cache`` option names: a path as given; null:
+    off; ``auto`` (the default): ``$DISTILL_FEATURE_CACHE`` (empty: off), which the gateway
+    sets to ``features/`` beside its local artifacts when it runs a round, else
+    ``./artifacts/features``."""
+    if configured is None:
+        return None
+    if configured == AUTO:
+        value = os.environ.get(CACHE_ENV, DEFAULT_DIR)
+        return Path(value).expanduser() if value else None
+    return Path(configured).expanduser()
 
 
 class FeatureCache:
@@ -144,6 +153,10 @@ class FeatureCache:
             self._write(list(first), {name: column[rows] for name, column in out.items()})
             for path, _ in shards:
                 path.unlink(missing_ok=True)
+            # Temp files of writers that died (a live one renames its file within seconds).
+            for path in self.directory.glob(".*.tmp"):
+                if time.time() - path.stat().st_mtime > STALE_TMP_S:
+                    path.unlink(missing_ok=True)
         except Exception as exc:  # OSError, or safetensors' own error for the same causes
             log.warning("feature cache %s: not written (%s); the next round computes these "
                         "texts again", self.directory, exc)

@@ -11,6 +11,7 @@ model of its fold, so every recorded label calibrates a model that never saw it.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from sqlalchemy.engine import Engine
 from gateway.calibration import Calibration, calibrate, naive_threshold
 from gateway.config import Settings
 from gateway.curation import curate, summary
+from gateway.feature_cache import CACHE_ENV
 from gateway.interfaces import Example, Prediction, Student, Task, Trainer, input_bucket
 from gateway.plugins import Plugins, load_plugins
 from gateway.registry import Registry, RegistryError, StudentVersion
@@ -148,6 +150,9 @@ class Workspace:
         self, settings: Settings, plugins: Plugins | None = None, engine: Engine | None = None
     ) -> None:
         self.settings = settings
+        # Plugins with `feature_cache: auto` keep features beside this config's artifacts
+        # (read from the environment, so the round's child process inherits it too).
+        os.environ.setdefault(CACHE_ENV, str(settings.feature_cache_dir))
         self.plugins = plugins or load_plugins(settings.plugins)
         self.tasks, _ = build_tasks(settings, self.plugins)
         self.engine = engine or database.create_engine(settings.database)

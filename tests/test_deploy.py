@@ -86,7 +86,6 @@ def test_the_settings_the_deployments_pass_are_ones_the_config_accepts(
 ) -> None:
     env = {k: v for k, v in image_env().items() if k.startswith("DISTILL_")}
     env.pop("DISTILL_BASE_MODEL_CACHE")  # read by the lora-lm trainer, not a setting
-    env.pop("DISTILL_FEATURE_CACHE")  # read by the trainers and the dedup filter, likewise
     env.pop("DISTILL_CONFIG_FILE")
     for service in ("gateway", "worker"):
         env |= {k: str(v) for k, v in compose()["services"][service]["environment"].items()

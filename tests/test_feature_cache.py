@@ -89,6 +89,20 @@ def test_past_max_shards_the_rows_of_the_call_replace_every_shard(tmp_path: Path
     assert produce.asked[-1] == ["a"]
 
 
+def test_compaction_removes_what_dead_writers_left(tmp_path: Path) -> None:
+    import os
+    import time
+
+    cache = FeatureCache(tmp_path, {"k": 1}, max_shards=1)
+    cache.get(["a"], Producer())
+    dead, live = cache.directory / ".dead.tmp", cache.directory / ".live.tmp"
+    for path in (dead, live):
+        path.write_bytes(b"partial")
+    os.utime(dead, (time.time() - 7200, time.time() - 7200))
+    cache.get(["b"], Producer())  # compacts
+    assert not dead.exists() and live.exists()
+
+
 def test_a_torn_shard_is_skipped_and_removed(tmp_path: Path) -> None:
     produce = Producer()
     cache = FeatureCache(tmp_path, {"k": 1})
@@ -108,14 +122,32 @@ def test_a_cache_that_cannot_be_written_only_costs_time(tmp_path: Path) -> None:
     assert out["length"].tolist() == [1, 2]
 
 
-def test_the_environment_overrides_the_option(monkeypatch: pytest.MonkeyPatch,
-                                              tmp_path: Path) -> None:
+def test_auto_follows_the_environment_and_a_path_is_taken_as_given(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
-    assert cache_root("./elsewhere") == tmp_path and cache_root(None) == tmp_path
-    monkeypatch.setenv(CACHE_ENV, "")
-    assert cache_root("./elsewhere") is None
-    monkeypatch.delenv(CACHE_ENV)
+    assert cache_root("auto") == tmp_path
     assert cache_root("./elsewhere") == Path("./elsewhere") and cache_root(None) is None
+    monkeypatch.setenv(CACHE_ENV, "")
+    assert cache_root("auto") is None and cache_root("./elsewhere") == Path("./elsewhere")
+    monkeypatch.delenv(CACHE_ENV)
+    assert cache_root("auto") == Path("./artifacts/features")
+
+
+def test_a_round_keeps_features_beside_its_artifacts(monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    from gateway.config import load_settings
+    from gateway.training import Workspace
+
+    monkeypatch.delenv(CACHE_ENV)
+    settings = load_settings(None, database=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                             artifacts=str(tmp_path / "artifacts"))
+    workspace = Workspace(settings)
+    workspace.engine.dispose()
+    assert cache_root("auto") == tmp_path / "artifacts" / "features"
+    # A setting of the user's own stands.
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
+    Workspace(settings).engine.dispose()
+    assert cache_root("auto") == tmp_path / "mine"
 
 
 def test_a_second_round_encodes_only_the_new_inputs(monkeypatch: pytest.MonkeyPatch,

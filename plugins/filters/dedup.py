@@ -45,7 +45,13 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.feature_cache import CACHE_ENV, FeatureCache, cache_root, files_fingerprint
+from gateway.feature_cache import (
+    AUTO,
+    CACHE_ENV,
+    FeatureCache,
+    cache_root,
+    files_fingerprint,
+)
 from gateway.hookspecs import hookimpl
 from gateway.interfaces import Example, Filter, Task
 from gateway.students import all_threads
@@ -377,10 +383,11 @@ class DedupOptions(BaseModel):
         "so a retraining round encodes only new inputs; 0 disables the cache",
     )
     feature_cache: str | None = Field(
-        default="./artifacts/features",
+        default=AUTO,
         description="directory where embeddings are also kept on disk between rounds (about "
-        f"1.5 kB per input), since rounds run in a fresh process by default; null: off. The "
-        f"{CACHE_ENV} environment variable overrides it (empty: off)",
+        "1.5 kB per input), since rounds run in a fresh process by default; null: off; "
+        f"'auto': ${CACHE_ENV}, which the gateway sets to 'features' beside its local "
+        "artifacts",
     )
 
 

@@ -58,7 +58,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gateway.feature_cache import CACHE_ENV, FeatureCache, cache_root, files_fingerprint
+from gateway.feature_cache import (
+    AUTO,
+    CACHE_ENV,
+    FeatureCache,
+    cache_root,
+    files_fingerprint,
+)
 from gateway.hookspecs import hookimpl
 from gateway.interfaces import (
     Deliver,
@@ -187,11 +193,11 @@ class EmbeddingClassifierOptions(BaseModel):
         "caller per core and ~19% more with one caller on 2 cores)")
     seed: int = Field(default=0, description="seed of the cross-fitting split")
     feature_cache: str | None = Field(
-        default="./artifacts/features",
+        default=AUTO,
         description="directory where the frozen encoder's features of training inputs "
         "are kept between rounds, so a round encodes only the inputs no earlier round did "
-        f"(about 6 kB per input); null: encode everything every round. The {CACHE_ENV} "
-        "environment variable overrides it (empty: off)")
+        "(about 6 kB per input); null: encode everything every round; 'auto': "
+        f"${CACHE_ENV}, which the gateway sets to 'features' beside its local artifacts")
 
     @field_validator("layers")
     @classmethod
@@ -275,7 +281,8 @@ def frozen_features(encoder: Encoder, texts: Sequence[str],
                     options: EmbeddingClassifierOptions) -> tuple[np.ndarray, np.ndarray]:
     """``encoder.encode`` of training inputs through the feature cache (when on): the
     frozen encoder gives an input the same features every round, up to int8's per-pass
-    activation scales, which move them far less than the heads can tell."""
+    activation scales, which move a text's features as much between any two passes
+    (docs/performance.md): a cached row is one such encoding, as a fresh one would be."""
     root = cache_root(options.feature_cache)
 
     def compute(missing: list[str]) -> dict[str, np.ndarray]:
