@@ -184,9 +184,9 @@ def test_a_second_round_encodes_only_the_new_inputs(monkeypatch: pytest.MonkeyPa
         on = cached.model_copy(update={"quantize": quantize})
         off = plain.model_copy(update={"quantize": quantize})
         encoder = get_encoder(on.encoder, quantize)
-        frozen_features(encoder, texts[:120], on)  # int8: cached by the rounds above already
-        emb, feats = frozen_features(encoder, texts[100:], on)  # cached rows and fresh ones
-        fresh_emb, fresh_feats = frozen_features(encoder, texts[100:], off)
+        frozen_features(encoder, texts[:120], on, task.name)  # int8: cached by the rounds
+        emb, feats = frozen_features(encoder, texts[100:], on, task.name)  # cached and fresh
+        fresh_emb, fresh_feats = frozen_features(encoder, texts[100:], off, task.name)
         if quantize == "none":
             np.testing.assert_allclose(emb, fresh_emb, atol=1e-5)
             np.testing.assert_allclose(feats, fresh_feats, atol=1e-5)
@@ -208,6 +208,10 @@ def test_the_dedup_filter_keeps_embeddings_between_rounds(monkeypatch: pytest.Mo
     assert kept == plain.filter(examples, task)
     [directory] = tmp_path.iterdir()
     sizes = [len(load_file(s)["digest"]) for s in shards(directory)]
+    # Another task's rounds keep a cache of their own: compacting one never drops the
+    # other's inputs.
+    cached.filter(examples[:10], ClassifyTask("other", ClassifyOptions()))
+    assert len(list(tmp_path.iterdir())) == 2
     assert sizes[0] == 150 and sum(sizes) <= len(set(texts)) + 1
 
 

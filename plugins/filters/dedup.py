@@ -408,7 +408,7 @@ class DedupFilter(Filter):
 
         threshold = self.options.near_duplicate_threshold
         if threshold is not None and len(survivors) > 1:
-            embeddings = self._embeddings([str(examples[i].input) for i in survivors])
+            embeddings = self._embeddings([str(examples[i].input) for i in survivors], task)
             same: Callable[[int, int], bool] | None = None
             if self.options.same_target_only:
 
@@ -423,7 +423,7 @@ class DedupFilter(Filter):
             results[index] = examples[index]
         return results
 
-    def _embeddings(self, texts: list[str]) -> np.ndarray:
+    def _embeddings(self, texts: list[str], task: Task) -> np.ndarray:
         """Through the in-process cache and, when on, the feature cache on disk (rounds
         run in a fresh process by default: only the disk one survives between them)."""
         opts = self.options
@@ -436,7 +436,7 @@ class DedupFilter(Filter):
         if root is None:
             return compute(texts)["embedding"]
         path = opts.model or default_model_path()
-        key = {"producer": "dedup", "format": 1, "model": path,
+        key = {"producer": "dedup", "format": 1, "task": task.name, "model": path,
                "weights": files_fingerprint(path),
                "precision": resolved_precision(opts.precision), "torch": package_version("torch")}
         return FeatureCache(root, key).get(texts, compute)["embedding"]

@@ -277,12 +277,13 @@ def contrastive_finetune(encoder: Encoder, texts: Sequence[str], y: np.ndarray,
 # --- trainer and student ----------------------------------------------------------------
 
 
-def frozen_features(encoder: Encoder, texts: Sequence[str],
-                    options: EmbeddingClassifierOptions) -> tuple[np.ndarray, np.ndarray]:
+def frozen_features(encoder: Encoder, texts: Sequence[str], options: EmbeddingClassifierOptions,
+                    task: str) -> tuple[np.ndarray, np.ndarray]:
     """``encoder.encode`` of training inputs through the feature cache (when on): the
     frozen encoder gives an input the same features every round, up to int8's per-pass
     activation scales, which move a text's features as much between any two passes
-    (docs/performance.md): a cached row is one such encoding, as a fresh one would be."""
+    (docs/performance.md): a cached row is one such encoding, as a fresh one would be.
+    Each task has its own cache, since a round keeps only its own inputs when it compacts."""
     root = cache_root(options.feature_cache)
 
     def compute(missing: list[str]) -> dict[str, np.ndarray]:
@@ -294,7 +295,7 @@ def frozen_features(encoder: Encoder, texts: Sequence[str],
         arrays = compute(list(texts))
     else:
         path = encoder_path(options.encoder)
-        key = {"producer": "embedding-classifier", "format": 1, "encoder": path,
+        key = {"producer": "embedding-classifier", "format": 1, "task": task, "encoder": path,
                "weights": files_fingerprint(path), "quantize": options.quantize,
                "layers": [encoder.layer_index(layer) for layer in options.layers],
                "max_tokens": options.max_tokens, "torch": package_version("torch")}
@@ -311,8 +312,9 @@ def predictions(targets: list[Any], pred: np.ndarray, conf: np.ndarray) -> list[
 class EmbeddingClassifierStudent(Student):
     def __init__(self, encoder: Encoder, head: Head | FoldedHead,
                  options: EmbeddingClassifierOptions, meta: dict[str, Any] | None = None,
-                 targets: list[Any] | None = None) -> None:
+                 targets: list[Any] | None = None, task: str = "") -> None:
         self.encoder = encoder
+        self.task = task  # whose feature cache predict_offline reads
         # One head, or (cross-fitted) one per fold of the inputs: an input is answered by
         # the head of its fold, which never trained on it.
         self.head = head
@@ -360,7 +362,7 @@ class EmbeddingClassifierStudent(Student):
             emb, feats = self.encoder.encode(inputs, self.options.layers,
                                              self.options.max_tokens, self.options.batch_size)
         else:
-            emb, feats = frozen_features(self.encoder, inputs, self.options)
+            emb, feats = frozen_features(self.encoder, inputs, self.options, self.task)
         return self._answers(emb, feats, inputs)
 
     def _answers(self, emb: np.ndarray, feats: np.ndarray, inputs: list[str]
@@ -406,7 +408,7 @@ class EmbeddingClassifierTrainer(Trainer):
             emb, feats = encoder.encode(texts, opts.layers, opts.max_tokens, opts.batch_size)
         else:  # the shared frozen one; not loaded at all when tuning a private copy
             encoder = get_encoder(opts.encoder, opts.quantize)
-            emb, feats = frozen_features(encoder, texts, opts)
+            emb, feats = frozen_features(encoder, texts, opts, task.name)
         encoded = time.perf_counter()
         head, figures = fit_head(emb, feats, y, labels, opts, calibration_rows)
         figures.update(tune_figures)
@@ -432,7 +434,7 @@ class EmbeddingClassifierTrainer(Trainer):
             raise ValueError(f"{len(examples)} examples all fall in one fold: too few to "
                              "cross-fit")
         encoder = get_encoder(opts.encoder, opts.quantize)
-        emb, feats = frozen_features(encoder, texts, opts)
+        emb, feats = frozen_features(encoder, texts, opts, task.name)
         encoded = time.perf_counter()
         head = cross_fit_heads(emb, feats, y, labels, fold_of, folds, opts)
         pred, conf = head.predict(emb, feats, opts, fold_of)  # each row as served: out of fold
@@ -548,7 +550,7 @@ class EmbeddingClassifierTrainer(Trainer):
             raise ValueError(f"{artifact_dir}: encoder {opts.encoder!r} does not match the "
                              "one the artifact was trained with")
         targets = self._targets(labels, bool(meta.get("rendered_targets")), task)
-        student = EmbeddingClassifierStudent(encoder, head, opts, meta, targets)
+        student = EmbeddingClassifierStudent(encoder, head, opts, meta, targets, task.name)
         # Warm up here, in the loader: the encoder's first pass checks its direct BERT path
         # and builds kernels (tens of ms) that would otherwise land on a live request.
         student.predict(["warm-up"])
