@@ -287,16 +287,20 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def local_artifacts(self) -> Path:
+        """The artifacts directory on this machine: the object store's local cache when
+        artifacts live at a URL."""
+        return Path(self.artifacts_cache if is_url(self.artifacts) else self.artifacts)
+
+    @property
     def spool_dir(self) -> Path:
-        local = self.artifacts_cache if is_url(self.artifacts) else self.artifacts
-        return Path(self.store.spool_dir or Path(local) / "spool")
+        return Path(self.store.spool_dir or self.local_artifacts / "spool")
 
     @property
     def feature_cache_dir(self) -> Path:
         """Where trainers and filters keep features between rounds (``feature_cache: auto``,
         unless ``DISTILL_FEATURE_CACHE`` says otherwise): beside the local artifacts."""
-        local = self.artifacts_cache if is_url(self.artifacts) else self.artifacts
-        return Path(local) / "features"
+        return self.local_artifacts / "features"
 
     def artifact_store(self) -> ArtifactStore:
         return ArtifactStore(self.artifacts, self.artifacts_cache, self.artifacts_options)

@@ -26,8 +26,9 @@ LABELS = ["card_arrival", "card_linking", "exchange_rate"]
 
 @pytest.fixture(scope="session", autouse=True)
 def _feature_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Trainers and the dedup filter keep features in ./artifacts/features by default: the
-    tests share a cache of their own instead (CLI subprocesses inherit it)."""
+    """Trainers and the dedup filter keep features beside a round's artifacts (outside a
+    round in ./artifacts/features): the tests share a cache of their own instead (CLI
+    subprocesses inherit it)."""
     if CACHE_ENV in os.environ:
         yield
         return

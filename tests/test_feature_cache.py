@@ -167,11 +167,10 @@ def test_a_second_round_encodes_only_the_new_inputs(monkeypatch: pytest.MonkeyPa
     # The first round encoded everything in one call, exactly as without a cache.
     plain = EmbeddingClassifierOptions(feature_cache=None)
     EmbeddingClassifierTrainer(plain).train(first, task, tmp_path / "plain")
-    for name in ("head.safetensors",):
-        a, b = load_file(tmp_path / "v1" / name), load_file(tmp_path / "plain" / name)
-        assert a.keys() == b.keys()
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key])
+    a, b = (load_file(tmp_path / v / "head.safetensors") for v in ("v1", "plain"))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
 
     second = [Example(t, c) for t, c in rows]
     trainer.train(second, task, tmp_path / "v2")

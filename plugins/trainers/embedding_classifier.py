@@ -356,13 +356,9 @@ class EmbeddingClassifierStudent(Student):
         feature cache, so the inputs earlier rounds encoded are not encoded again (the
         active version is evaluated on every label each round). A tuned encoder is this
         artifact's own: its features are computed, never cached."""
-        if not inputs:
-            return []
-        if self.meta.get("encoder", {}).get("finetuned"):
-            emb, feats = self.encoder.encode(inputs, self.options.layers,
-                                             self.options.max_tokens, self.options.batch_size)
-        else:
-            emb, feats = frozen_features(self.encoder, inputs, self.options, self.task)
+        if not inputs or self.meta.get("encoder", {}).get("finetuned"):
+            return super().predict_offline(inputs)
+        emb, feats = frozen_features(self.encoder, inputs, self.options, self.task)
         return self._answers(emb, feats, inputs)
 
     def _answers(self, emb: np.ndarray, feats: np.ndarray, inputs: list[str]
