@@ -116,7 +116,7 @@ def run_task(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     options = LoraLMTrainer.Options.model_validate({
         "system_prompt": system, "max_train_seconds": args.budget, "epochs": args.epochs,
         "batch_size": args.batch_size, "max_new_tokens": 96 if name == "extract" else 64,
-        "torch_threads": args.threads,
+        "torch_threads": args.threads, "device": args.device,
         **({"cache_dir": args.cache_dir} if args.cache_dir else {}),
     })
     trainer = LoraLMTrainer(options)
@@ -175,15 +175,27 @@ def run_task(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return result
 
 
+def device_name(results: list[dict[str, Any]]) -> str:
+    """'CPU', or the GPU the runs trained on."""
+    devices = {r["figures"].get("device", "cpu") for r in results}
+    if devices <= {"cpu"}:
+        return "CPU"
+    import torch
+
+    return f"{torch.cuda.get_device_name()} GPU"
+
+
 def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
-        "# lora-lm student benchmark (SmolLM2-135M-Instruct + LoRA, CPU)",
+        "# lora-lm student benchmark (SmolLM2-135M-Instruct + LoRA, "
+        f"{device_name(results)})",
         "",
         f"`python benchmarks/student_lora.py --budget {args.budget} --train {args.train} "
         f"--cal {args.cal} --test {args.test} --batch-size {args.batch_size} "
-        f"--threads {args.threads}` on "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-        "(shared with other jobs while measured: timings are upper bounds).",
+        f"--threads {args.threads} --device {args.device}` on "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        + (f", {device_name(results)}" if device_name(results) != "CPU" else
+           " (shared with other jobs while measured: timings are upper bounds)") + ".",
         "",
         "Gold labels stand in for the teacher. The threshold is chosen on the calibration "
         "split by `gateway.calibration.calibrate` (95% upper bound on disagreement) and "
@@ -219,6 +231,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads "
                         "(1 is much faster on a machine shared with other busy processes)")
+    parser.add_argument("--device", default="auto", help="the trainer's device option: "
+                        "auto (a CUDA GPU when torch sees one), cpu, cuda or cuda:N")
     parser.add_argument("--cache-dir", default=None, help="base-model cache (default: "
                         "DISTILL_BASE_MODEL_CACHE or ./artifacts/base-models)")
     parser.add_argument("--out", type=Path, default=RESULTS / "student_lora.md")

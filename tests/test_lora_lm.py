@@ -25,6 +25,8 @@ from plugins.trainers.lora_lm import (
     cache_root,
     fit_confidence,
     load_base,
+    resolve_device,
+    serving_dtype,
     torch_threads,
     training_dtype,
 )
@@ -194,7 +196,8 @@ def test_confidence_map_is_monotone() -> None:
     assert mapping(-0.1, -0.3) == pytest.approx(0.7408, abs=1e-4)
 
 
-def test_options() -> None:
+def test_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CACHE_ENV, raising=False)  # a user's setting would win below
     with pytest.raises(ValidationError, match="unknown bundled model"):
         LoraLMTrainer.Options.model_validate({"base_model": "bundled:gpt5"})
     with pytest.raises(ValidationError):
@@ -222,6 +225,72 @@ def test_training_dtype_follows_the_cpu() -> None:
     flags = set(cpuinfo.read_text().split())
     native = bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
     assert training_dtype("auto") == ("bfloat16" if native else "float32")
+
+
+def missing_gpu() -> str:
+    """A CUDA device index this machine does not have (cuda:0 where torch sees none)."""
+    import torch
+
+    return f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"
+
+
+def has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_device_option() -> None:
+    import torch
+
+    with pytest.raises(ValidationError, match="device"):
+        LoraLMTrainer.Options.model_validate({"device": "gpu"})
+    assert LoraLMTrainer.Options().device == "auto"
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if has_gpu() else "cpu")
+    with pytest.raises(ValueError, match=f"device='{missing_gpu()}'"):
+        resolve_device(missing_gpu())
+    # Serving dtype: float32 decodes faster on a CPU, bf16 on a GPU; an explicit one stands.
+    assert serving_dtype("auto", torch.device("cpu")) == "float32"
+    assert serving_dtype("auto", torch.device("cuda")) == "bfloat16"
+    assert serving_dtype("float32", torch.device("cuda")) == "float32"
+    assert serving_dtype("bfloat16", torch.device("cpu")) == "bfloat16"
+
+
+def test_missing_gpu_is_named_before_training(tiny_base: Path, tmp_path: Path) -> None:
+    task = ExtractTask("intents", ExtractTask.Options.model_validate({"json_schema": SCHEMA}))
+    trainer = LoraLMTrainer(tiny_options(tiny_base, device=missing_gpu()))
+    with pytest.raises(ValueError, match="lora-lm option device="):
+        trainer.train(extract_examples(12), task, tmp_path / "artifact")
+    assert not (tmp_path / "artifact").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_gpu(), reason="needs a CUDA GPU")
+def test_gpu_trained_student_serves_on_either(tiny_base: Path, tmp_path: Path) -> None:
+    """Trained on the GPU in bf16; the artifact loads on the GPU (bf16) and on the CPU
+    (float32), and both give the same answers for nearly every input."""
+    import torch
+
+    task = ExtractTask("intents", ExtractTask.Options.model_validate({"json_schema": SCHEMA}))
+    out = tmp_path / "artifact"
+    trainer = LoraLMTrainer(tiny_options(tiny_base, device="cuda", dtype="auto"))
+    figures = trainer.train(extract_examples(30), task, out)
+    assert figures["device"] == "cuda"
+    assert figures["dtype"] == ("bfloat16" if torch.cuda.is_bf16_supported() else "float32")
+    assert figures["final_loss"] < figures["first_loss"]
+
+    on_gpu = trainer.load(out, task)
+    on_cpu = LoraLMTrainer(tiny_options(tiny_base, device="cpu")).load(out, task)
+    assert isinstance(on_gpu, LoraLMStudent) and isinstance(on_cpu, LoraLMStudent)
+    assert on_gpu.model.device.type == "cuda" and on_cpu.model.device.type == "cpu"
+    assert next(on_gpu.model.parameters()).dtype == torch.bfloat16
+    assert next(on_cpu.model.parameters()).dtype == torch.float32
+    inputs = [e.input for e in extract_examples(20)]
+    gpu_answers, cpu_answers = on_gpu.predict(inputs), on_cpu.predict(inputs)
+    assert all(0.0 <= p.confidence <= 1.0 for p in gpu_answers)
+    same = sum(g.target == c.target for g, c in zip(gpu_answers, cpu_answers, strict=True))
+    assert same >= 16
 
 
 def test_register_hook() -> None:

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -116,9 +116,15 @@ class LoraLMOptions(BaseModel):
         "step than float32 on AVX512-BF16 CPUs, and faster than bf16 weights, but ~20x "
         "slower where the CPU lacks bf16 instructions and emulates them); 'auto' picks "
         "bfloat16 where the CPU has AVX512-BF16 or AMX, else float32")
-    inference_dtype: Literal["bfloat16", "float32"] = Field(
-        default="float32", description="dtype of the merged model when serving (on CPU "
-        "float32 decodes faster than bfloat16 for a model this small)")
+    inference_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        default="auto", description="dtype of the merged model when serving; 'auto' is "
+        "float32 on CPU (it decodes faster than bfloat16 for a model this small) and "
+        "bfloat16 on a GPU")
+    device: str = Field(
+        default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="where the model "
+        "trains and serves: 'auto' takes the first CUDA GPU when torch sees one, else the "
+        "CPU; 'cpu', 'cuda' or 'cuda:N' pin it (a GPU that is not there is an error). Not "
+        "part of the artifact: a student trained on a GPU serves on a CPU-only gateway")
     system_prompt: str | None = Field(
         default=None, description="system message before the task input; by default a "
         "short line chosen by the task kind (extract, rewrite)")
@@ -258,13 +264,39 @@ def resolve_base(options: LoraLMOptions) -> str:
     return options.base_model
 
 
-def training_dtype(name: str) -> Literal["bfloat16", "float32"]:
-    """The dtype option resolved for this machine ('auto': bf16 only with native support)."""
+def training_dtype(name: str, device: torch.device | None = None
+                   ) -> Literal["bfloat16", "float32"]:
+    """The dtype option resolved for this machine ('auto': bf16 only with native support:
+    on a GPU where it reports bf16, on the CPU with AVX512-BF16 or AMX)."""
     if name == "auto":
         import torch
 
+        if device is not None and device.type == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
         native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         return "bfloat16" if native else "float32"
+    return "float32" if name == "float32" else "bfloat16"
+
+
+def resolve_device(name: str) -> torch.device:
+    """The ``device`` option as a torch device ('auto': the first CUDA GPU, else the CPU)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"lora-lm option device={name!r}: torch sees {count} CUDA "
+                             "device(s) here; use 'auto' or 'cpu'")
+    return device
+
+
+def serving_dtype(name: str, device: torch.device) -> Literal["bfloat16", "float32"]:
+    """The inference_dtype option resolved for ``device`` ('auto': bf16 on a GPU)."""
+    if name == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
     return "float32" if name == "float32" else "bfloat16"
 
 
@@ -431,6 +463,7 @@ class LoraLMStudent(Student):
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
                  options: LoraLMOptions, mapping: ConfidenceMap | None = None) -> None:
         self.model = model.eval()
+        self.device = model.device
         self.task = task
         self.options = options
         self.encoder = Encoder(tokenizer, system_prompt(options, task), options.max_input_tokens)
@@ -452,6 +485,7 @@ class LoraLMStudent(Student):
         for start in range(0, len(order), size):
             chunk = order[start:start + size]
             ids, mask = left_pad([prompts[i] for i in chunk], self.encoder.pad_id)
+            ids, mask = ids.to(self.device), mask.to(self.device)
             with torch.inference_mode():
                 out = self.model.generate(input_ids=ids, attention_mask=mask,
                                           generation_config=config)
@@ -459,6 +493,7 @@ class LoraLMStudent(Student):
             # Raw logits (no processors are configured, so argmax is the greedy choice).
             logits = torch.stack(out.logits, dim=1).float()
             chosen = logits.log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+            chosen, new = chosen.cpu(), new.cpu()  # one copy per batch, not per token
             for row, index in enumerate(chunk):
                 tokens = new[row].tolist()
                 finished = self.encoder.eos_id in tokens
@@ -523,10 +558,13 @@ class LoraLMTrainer(Trainer):
         rng = random.Random(opts.seed)
         torch.manual_seed(opts.seed)
         train_set, held_out = _split(examples, opts, rng)
+        device = resolve_device(opts.device)
+        dtype = training_dtype(opts.dtype, device)
 
         started = time.perf_counter()
         # Weights stay float32 either way: bf16 training goes through autocast (see dtype).
         model, tokenizer = load_base(opts, "float32")
+        cast(Any, model).to(device)  # transformers types .to for its own arguments only
         load_seconds = time.perf_counter() - started
         encoder = Encoder(tokenizer, system_prompt(opts, task), opts.max_input_tokens)
         encoded: list[tuple[list[int], list[int]]] = []
@@ -553,9 +591,9 @@ class LoraLMTrainer(Trainer):
         warmup = max(1, round(0.06 * total_steps))
 
         peft_model.train()
-        autocast = (torch.autocast("cpu", dtype=torch.bfloat16)
-                    if training_dtype(opts.dtype) == "bfloat16" else contextlib.nullcontext())
-        losses: list[float] = []
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
+                    if dtype == "bfloat16" else contextlib.nullcontext())
+        losses: list[torch.Tensor] = []
         step = 0
         stopped_early = False
         train_started = time.perf_counter()
@@ -584,10 +622,11 @@ class LoraLMTrainer(Trainer):
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
+                losses.append(loss.detach())  # read back once at the end: no GPU sync
                 step += 1
             if stopped_early:
                 break
+        loss_values = [float(v) for v in torch.stack(losses).cpu()] if losses else []
         train_seconds = time.perf_counter() - train_started
 
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -597,14 +636,14 @@ class LoraLMTrainer(Trainer):
         figures: dict[str, Any] = {
             "examples": len(examples), "train_examples": len(encoded),
             "held_out_examples": len(held_out), "dropped_too_long": dropped,
-            "steps": step, "dtype": training_dtype(opts.dtype),
+            "steps": step, "dtype": dtype, "device": str(device),
             "epochs_done": round(step / steps_per_epoch, 3),
             "stopped_early": stopped_early, "train_seconds": round(train_seconds, 2),
             "seconds_per_step": round(train_seconds / step, 3) if step else None,
             "base_load_seconds": round(load_seconds, 2),
-            "final_loss": (round(sum(losses[-10:]) / len(losses[-10:]), 4) if losses
-                           else None),
-            "first_loss": round(losses[0], 4) if losses else None,
+            "final_loss": (round(sum(loss_values[-10:]) / len(loss_values[-10:]), 4)
+                           if loss_values else None),
+            "first_loss": round(loss_values[0], 4) if loss_values else None,
         }
         meta: dict[str, Any] = {
             "format": 1, "trainer": "lora-lm", "task": task.name,
@@ -650,16 +689,20 @@ class LoraLMTrainer(Trainer):
 
         # The artifact's own options define the model; only where the bundled base is
         # cached comes from this trainer (it may run on another machine).
-        saved = dict(meta["options"], cache_dir=self.options.cache_dir)
+        # Likewise where it runs and in which dtype: this machine's choice, not the trainer's.
+        saved = dict(meta["options"], cache_dir=self.options.cache_dir,
+                     device=self.options.device,
+                     inference_dtype=self.options.inference_dtype)
         opts = LoraLMOptions.model_validate(saved)
-        model, tokenizer = load_base(opts, opts.inference_dtype)
+        device = resolve_device(opts.device)
+        model, tokenizer = load_base(opts, serving_dtype(opts.inference_dtype, device))
         if len(tokenizer) != meta["base"]["vocab_size"]:
             raise ValueError(f"base model {opts.base_model} has {len(tokenizer)} tokens; the "
                              f"adapter was trained on {meta['base']['vocab_size']}")
         with quiet_peft():
             peft_model = PeftModel.from_pretrained(model, str(artifact_dir))
         # Merged weights decode faster: no extra low-rank matmuls per layer and token.
-        merged = peft_model.merge_and_unload()
+        merged = peft_model.merge_and_unload().to(device)
         mapping = ConfidenceMap(**meta.get("calibration", {}))
         opts = opts.model_copy(update={"system_prompt": meta.get("system_prompt",
                                                                  opts.system_prompt)})
@@ -682,11 +725,12 @@ def _step_loss(model: Any, batch: list[tuple[list[int], list[int]]],
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
     for row, (_, answer) in enumerate(batch):
         labels[row, width - len(answer):] = torch.tensor(answer, dtype=torch.long)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                logits_to_keep=width + 1)
+    device = model.device
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                position_ids=positions(mask).to(device), logits_to_keep=width + 1)
     logits = out.logits[:, :-1].float()  # position p predicts token p + 1
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=-100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                           labels.reshape(-1).to(device), ignore_index=-100)
 
 
 def _write_meta(out_dir: Path, meta: dict[str, Any]) -> None:
