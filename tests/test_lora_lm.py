@@ -120,6 +120,8 @@ def test_time_budget_stops_training(tiny_base: Path, tmp_path: Path) -> None:
 
 
 def test_train_save_load_predict_tiny(tiny_base: Path, tmp_path: Path) -> None:
+    import torch
+
     task = ExtractTask("intents", ExtractTask.Options.model_validate({"json_schema": SCHEMA}))
     examples = extract_examples(30)
     trainer = LoraLMTrainer(tiny_options(tiny_base))
@@ -156,6 +158,18 @@ def test_train_save_load_predict_tiny(tiny_base: Path, tmp_path: Path) -> None:
     assert student.predict([]) == []
     # Greedy decoding is deterministic, and independent of how inputs are batched.
     assert student.predict(inputs[:3]) == predictions[:3]
+
+    # Where and in which dtype it serves is the loading machine's choice, not the
+    # artifact's: float32 on this CPU by default, bf16 when the loader asks for it.
+    assert isinstance(student, LoraLMStudent)
+    assert student.model.device.type == ("cuda" if has_gpu() else "cpu")
+    if not has_gpu():
+        assert next(student.model.parameters()).dtype == torch.float32
+    in_bf16 = LoraLMTrainer(tiny_options(tiny_base, device="cpu",
+                                         inference_dtype="bfloat16")).load(out, task)
+    assert isinstance(in_bf16, LoraLMStudent)
+    assert next(in_bf16.model.parameters()).dtype == torch.bfloat16
+    assert len(in_bf16.predict(inputs[:2])) == 2
 
 
 def test_invalid_outputs_get_zero_confidence(tiny_base: Path, tmp_path: Path) -> None:
