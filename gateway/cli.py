@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+# transformers draws a progress bar for every model load (each promotion, each training
+# round), which tears through the demo's live lines and the server's log; 0 shows them.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 app = typer.Typer(
     name="distill-gateway",

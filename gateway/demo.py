@@ -82,7 +82,7 @@ def run_demo(
 
     from gateway.app import create_app
 
-    console = Console()
+    console = Console(soft_wrap=True)  # a piped or logged run keeps each line whole
     rows, labels = banking77_rows()
     rows = rows[:requests] if requests else rows
     shutil.rmtree(workdir, ignore_errors=True)

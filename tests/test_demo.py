@@ -34,6 +34,9 @@ def test_demo_headless(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "/metrics" in result.stdout  # the dashboard URL is shown while it runs
+    # Piped, each progress line stays whole (rich would wrap it at 80 columns).
+    progress = [line for line in result.stdout.splitlines() if line.startswith("200/400 ")]
+    assert len(progress) == 1 and progress[0].rstrip().endswith("student -"), result.stdout
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["requests"] == 400
     assert summary["student_served"] + summary["teacher_served"] == 400

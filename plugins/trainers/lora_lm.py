@@ -203,6 +203,8 @@ def bundled_path(key: str, root: Path) -> Path:
             return final
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        log.info("converting bundled model %s from GGUF to safetensors under %s (once, "
+                 "~20 s)", key, root)
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(source_dir, gguf_file=spec_info.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(source_dir, gguf_file=spec_info.gguf_file)
