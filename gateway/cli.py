@@ -27,6 +27,7 @@ app = typer.Typer(
     "to the teacher.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstring paragraphs reflow to the terminal width
 )
 console = Console(stderr=True, soft_wrap=True)  # error lines stay whole, e.g. for grep
 
@@ -125,8 +126,10 @@ def demo(
     priced_as: Annotated[str, typer.Option(help="model whose prices the teacher has")] = ("gpt-4o"),
     keep_serving: Annotated[bool, typer.Option(help="keep serving after the replay")] = False,
 ) -> None:
-    """Replay Banking77 with a real GPT model's recorded answers through the gateway and
-    watch the student take over: no API key, nothing downloaded."""
+    """Watch a student take over Banking77 traffic (no API key, nothing downloaded).
+
+    Replays Banking77 through the gateway with a real GPT model's recorded answers as the
+    teacher, while the loop trains, calibrates and promotes students."""
     from gateway.demo import run_demo
 
     run_demo(

@@ -44,8 +44,10 @@ def worker(
                      "distill_filter_examples_total) on this port at /metrics"),
     ] = None,
 ) -> None:
-    """Run the distillation loop without serving (one per deployment is enough; the
-    training lock keeps it to one round per task anyway)."""
+    """Run the distillation loop without serving.
+
+    One per deployment is enough; the training lock keeps it to one round per task
+    anyway."""
     from gateway.loop import DistillationLoop
     from gateway.runtime import Runtime
 
