@@ -70,6 +70,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             len(runtime.tasks),
             ", ".join(runtime.tasks) or "none",
         )
+        if not runtime.tasks and settings.default_teacher is None:
+            log.warning("no task and no default_teacher is configured, so every request "
+                        "will be refused: pass --config (examples/config.yaml is one)")
         # Everything loaded so far (litellm, pydantic schemas, plugins) lives for the whole
         # process: move it out of the collector's reach so that full collections stay
         # short and do not show up as latency spikes.

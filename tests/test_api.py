@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
 
+from gateway.app import create_app
+from gateway.config import Settings, load_settings
 from gateway.testing.teacher_server import TeacherServer
 from tests.servers import GatewayServer
 
@@ -193,3 +197,20 @@ def test_models_health_ready_and_metrics(gateway: GatewayServer) -> None:
     )
     assert 'distill_teacher_tokens_total{kind="completion",model="openai/teacher-model"' in text
     assert "distill_store_written_total 1.0" in text
+
+
+def test_a_gateway_with_nothing_to_serve_says_so(
+        tmp_path: Path, settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    empty = load_settings(None, database=f"sqlite:///{tmp_path / 'empty.db'}",
+                          artifacts=str(tmp_path / "empty-artifacts"))
+    with (caplog.at_level("WARNING", logger="distill_gateway"),
+          GatewayServer(create_app(empty)) as server):
+        reply = httpx.post(f"{server.base_url}/chat/completions", json={
+            "model": "anything", "messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status_code == 404
+    assert "no task and no default_teacher is configured" in caplog.text
+    caplog.clear()
+    with (caplog.at_level("WARNING", logger="distill_gateway"),
+          GatewayServer(create_app(settings))):  # a task and a teacher: nothing to say
+        pass
+    assert "no task and no default_teacher" not in caplog.text
