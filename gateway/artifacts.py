@@ -55,7 +55,18 @@ class ArtifactStore:
         if self.remote:
             protocol = self.location.split("://", 1)[0]
             return f"{protocol}://{self._root}/{task}/{version}"
-        return str(Path(self.location) / task / version)
+        # Absolute: a relative root would tie the record to the directory `train` ran in.
+        return str((Path(self.location) / task / version).absolute())
+
+    def _local_dir(self, artifact_path: str) -> Path:
+        """A local version's directory: where the registry recorded it, or, when the
+        artifacts have moved since (another mount point, a copied store), the same
+        task/version under this store's location."""
+        recorded = Path(artifact_path)
+        if recorded.is_dir():
+            return recorded
+        moved = Path(self.location) / recorded.parent.name / recorded.name
+        return moved if moved.is_dir() else recorded
 
     def _key(self, artifact_path: str) -> str:
         return artifact_path.split("://", 1)[1] if "://" in artifact_path else artifact_path
@@ -108,13 +119,13 @@ class ArtifactStore:
     # -- reading and deleting ----------------------------------------------------------------
     def exists(self, artifact_path: str) -> bool:
         if not self.remote:
-            return Path(artifact_path).is_dir()
+            return self._local_dir(artifact_path).is_dir()
         return bool(self._fs.exists(f"{self._key(artifact_path)}/{COMPLETE_MARKER}"))
 
     def local(self, artifact_path: str) -> Path:
         """A local directory holding the version (downloaded once when remote)."""
         if not self.remote:
-            return Path(artifact_path)
+            return self._local_dir(artifact_path)
         cached = self._cached(artifact_path)
         if cached.is_dir():
             return cached
@@ -155,8 +166,9 @@ class ArtifactStore:
     def delete(self, artifact_path: str) -> bool:
         """Remove a version (and this replica's copy); True if there was one."""
         if not self.remote:
-            if Path(artifact_path).exists():
-                shutil.rmtree(artifact_path, ignore_errors=True)
+            local = self._local_dir(artifact_path)
+            if local.exists():
+                shutil.rmtree(local, ignore_errors=True)
                 return True
             return False
         shutil.rmtree(self._cached(artifact_path), ignore_errors=True)

@@ -83,3 +83,29 @@ def test_prune_keeps_the_newest(registry: Registry) -> None:
     removed = registry.prune("t", keep=1)
     assert removed == versions[:2]
     assert Path(registry.get("t", versions[2]).artifact_path).is_dir()
+
+
+def test_versions_survive_a_moved_artifact_directory(
+        registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recorded paths are absolute (the directory `train` ran in does not matter), and a
+    store whose artifacts moved elsewhere still finds, loads and prunes its versions."""
+    monkeypatch.chdir(tmp_path)
+    relative = Registry(registry.engine, "./relative-artifacts")
+    v1, v2 = trained(relative), trained(relative)
+    relative.promote("t", v1)
+    relative.promote("t", v2)
+    recorded = relative.get("t", v1).artifact_path
+    assert Path(recorded).is_absolute()
+    monkeypatch.chdir(tmp_path.parent)  # another working directory: same artifact
+    assert (relative.local_artifact(relative.get("t", v1)) / "weights.safetensors").is_file()
+
+    (tmp_path / "relative-artifacts").rename(tmp_path / "moved")
+    moved = Registry(registry.engine, tmp_path / "moved")
+    local = moved.local_artifact(moved.get("t", v1))
+    assert local == tmp_path / "moved" / "t" / v1
+    assert (local / "weights.safetensors").is_file()
+    moved.rollback("t")  # v2 retired, v1 active again: needs v1's artifact to exist
+    assert moved.active("t").version == v1  # type: ignore[union-attr]
+    assert moved.prune("t", keep=0) == [v2]
+    assert not (tmp_path / "moved" / "t" / v2).exists()
+    assert (tmp_path / "moved" / "t" / v1).is_dir()
