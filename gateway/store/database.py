@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,19 @@ def create_engine(url: str, *, connect_timeout_s: float = 5.0) -> Engine:
     )
 
 
+class _UpgradesOnly(logging.Filter):
+    """alembic announces its context at every start ("Context impl SQLiteImpl.", "Will
+    assume non-transactional DDL."); only the upgrades it runs are news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Context impl", "Will assume"))
+
+
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest revision; safe to run from many replicas at once."""
+    announcer = logging.getLogger("alembic.runtime.migration")
+    if not any(isinstance(f, _UpgradesOnly) for f in announcer.filters):
+        announcer.addFilter(_UpgradesOnly())
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as connection:
