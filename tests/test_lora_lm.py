@@ -257,7 +257,7 @@ def has_gpu() -> bool:
 def test_device_option() -> None:
     import torch
 
-    with pytest.raises(ValidationError, match="device"):
+    with pytest.raises(ValidationError, match="device must be auto, cpu, cuda or cuda:N"):
         LoraLMTrainer.Options.model_validate({"device": "gpu"})
     assert LoraLMTrainer.Options().device == "auto"
     assert resolve_device("cpu") == torch.device("cpu")

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -121,7 +122,7 @@ class LoraLMOptions(BaseModel):
         "float32 on CPU (it decodes faster than bfloat16 for a model this small) and "
         "bfloat16 on a GPU")
     device: str = Field(
-        default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="where the model "
+        default="auto", description="where the model "
         "trains and serves: 'auto' takes the first CUDA GPU when torch sees one, else the "
         "CPU; 'cpu', 'cuda' or 'cuda:N' pin it (a GPU that is not there is an error). Not "
         "part of the artifact: a student trained on a GPU serves on a CPU-only gateway")
@@ -146,6 +147,13 @@ class LoraLMOptions(BaseModel):
         default="auto", description="token statistic behind the confidence: the mean "
         "log-probability of the answer's tokens, the smallest one, or 'auto' to take "
         "whichever separates right from wrong better on the held-out slice")
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return value
 
     @field_validator("base_model")
     @classmethod
