@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -126,6 +127,16 @@ class LoraLMOptions(BaseModel):
         "trains and serves: 'auto' takes the first CUDA GPU when torch sees one, else the "
         "CPU; 'cpu', 'cuda' or 'cuda:N' pin it (a GPU that is not there is an error). Not "
         "part of the artifact: a student trained on a GPU serves on a CPU-only gateway")
+    server_url: str | None = Field(
+        default=None, description="base URL of an OpenAI-compatible server that serves "
+        "LoRA adapters and loads them at run time (vLLM with --enable-lora and "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, e.g. http://vllm:8000/v1) to generate "
+        "instead of this process: the gateway registers each version's adapter there and "
+        "keeps only the tokenizer. The server must read the artifact directory at the "
+        "path the gateway loads it from. Not part of the artifact")
+    server_api_key_env: str | None = Field(
+        default=None, description="environment variable holding the server's API key")
+    server_timeout_s: float = Field(default=30.0, gt=0, description="per server request")
     system_prompt: str | None = Field(
         default=None, description="system message before the task input; by default a "
         "short line chosen by the task kind (extract, rewrite)")
@@ -316,17 +327,24 @@ def _torch_dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if name == "bfloat16" else torch.float32
 
 
-def load_base(options: LoraLMOptions, dtype: str) -> tuple[PreTrainedModel,
-                                                           PreTrainedTokenizerBase]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(options: LoraLMOptions) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
 
-    where = resolve_base(options)
-    tokenizer = AutoTokenizer.from_pretrained(where)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=_torch_dtype(dtype))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base(options))
     if tokenizer.pad_token_id is None:  # batched generation needs a pad id; never attended
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer of {options.base_model} has no end-of-sequence token")
+    return tokenizer
+
+
+def load_base(options: LoraLMOptions, dtype: str) -> tuple[PreTrainedModel,
+                                                           PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(options)
+    model = AutoModelForCausalLM.from_pretrained(resolve_base(options),
+                                                 dtype=_torch_dtype(dtype))
     return model, tokenizer
 
 
@@ -467,7 +485,35 @@ class Generated:
     min_logprob: float
 
 
-class LoraLMStudent(Student):
+class GenerativeStudent(Student):
+    """Greedy answers scored by their tokens' log-probabilities, wherever they are generated
+    (this process, or a LoRA-serving server: ``plugins.trainers.lora_lm_remote``)."""
+
+    task: Task
+    mapping: ConfidenceMap
+
+    @abstractmethod
+    def generate(self, inputs: list[str]) -> list[Generated]:
+        """Greedy answers in input order."""
+
+    def predict(self, inputs: list[str]) -> list[Prediction]:
+        if not inputs:
+            return []
+        return [self.prediction_for(g) for g in self.generate(inputs)]
+
+    def prediction_for(self, generated: Generated) -> Prediction:
+        """The parsed target with its calibrated confidence, or (None, 0.0) to escalate."""
+        if not generated.finished:  # cut at max_new_tokens: not an answer the teacher gave
+            return Prediction(target=None, confidence=0.0)
+        try:
+            target = self.task.parse_target(generated.text)
+        except InvalidTarget:
+            return Prediction(target=None, confidence=0.0)
+        return Prediction(target=target, confidence=self.mapping(generated.mean_logprob,
+                                                                 generated.min_logprob))
+
+
+class LoraLMStudent(GenerativeStudent):
     """Greedy decoding with a (merged) LoRA model; confidence from token log-probabilities."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
@@ -517,22 +563,6 @@ class LoraLMStudent(Student):
                                            mean_logprob=float(lp.mean()),
                                            min_logprob=float(lp.min()))
         return [r for r in results if r is not None]
-
-    def predict(self, inputs: list[str]) -> list[Prediction]:
-        if not inputs:
-            return []
-        return [self.prediction_for(g) for g in self.generate(inputs)]
-
-    def prediction_for(self, generated: Generated) -> Prediction:
-        """The parsed target with its calibrated confidence, or (None, 0.0) to escalate."""
-        if not generated.finished:  # cut at max_new_tokens: not an answer the teacher gave
-            return Prediction(target=None, confidence=0.0)
-        try:
-            target = self.task.parse_target(generated.text)
-        except InvalidTarget:
-            return Prediction(target=None, confidence=0.0)
-        return Prediction(target=target, confidence=self.mapping(generated.mean_logprob,
-                                                                 generated.min_logprob))
 
 
 # --- the trainer --------------------------------------------------------------------------
@@ -694,29 +724,41 @@ class LoraLMTrainer(Trainer):
         meta = json.loads((artifact_dir / META_FILE).read_text())
         return self._load(artifact_dir, task, meta)
 
-    def _load(self, artifact_dir: Path, task: Task, meta: dict[str, Any]) -> LoraLMStudent:
+    def _load(self, artifact_dir: Path, task: Task, meta: dict[str, Any]
+              ) -> GenerativeStudent:
         from peft import PeftModel
 
         # The artifact's own options define the model; only where the bundled base is
         # cached comes from this trainer (it may run on another machine).
         # Likewise where it runs and in which dtype: this machine's choice, not the trainer's.
-        saved = dict(meta["options"], cache_dir=self.options.cache_dir,
-                     device=self.options.device,
-                     inference_dtype=self.options.inference_dtype)
+        saved = dict(meta["options"], **{key: getattr(self.options, key) for key in (
+            "cache_dir", "device", "inference_dtype", "server_url", "server_api_key_env",
+            "server_timeout_s")})
         opts = LoraLMOptions.model_validate(saved)
+        mapping = ConfidenceMap(**meta.get("calibration", {}))
+        opts = opts.model_copy(update={"system_prompt": meta.get("system_prompt",
+                                                                 opts.system_prompt)})
+        if opts.server_url is not None:
+            from plugins.trainers.lora_lm_remote import RemoteLoraLMStudent
+
+            tokenizer = load_tokenizer(opts)
+            _check_vocab(tokenizer, opts, meta)
+            return RemoteLoraLMStudent(artifact_dir, tokenizer, task, opts, mapping)
         device = resolve_device(opts.device)
         model, tokenizer = load_base(opts, serving_dtype(opts.inference_dtype, device))
-        if len(tokenizer) != meta["base"]["vocab_size"]:
-            raise ValueError(f"base model {opts.base_model} has {len(tokenizer)} tokens; the "
-                             f"adapter was trained on {meta['base']['vocab_size']}")
+        _check_vocab(tokenizer, opts, meta)
         with quiet_peft():
             peft_model = PeftModel.from_pretrained(model, str(artifact_dir))
         # Merged weights decode faster: no extra low-rank matmuls per layer and token.
         merged = peft_model.merge_and_unload().to(device)
-        mapping = ConfidenceMap(**meta.get("calibration", {}))
-        opts = opts.model_copy(update={"system_prompt": meta.get("system_prompt",
-                                                                 opts.system_prompt)})
         return LoraLMStudent(merged, tokenizer, task, opts, mapping)
+
+
+def _check_vocab(tokenizer: PreTrainedTokenizerBase, opts: LoraLMOptions,
+                 meta: dict[str, Any]) -> None:
+    if len(tokenizer) != meta["base"]["vocab_size"]:
+        raise ValueError(f"base model {opts.base_model} has {len(tokenizer)} tokens; the "
+                         f"adapter was trained on {meta['base']['vocab_size']}")
 
 
 def _step_loss(model: Any, batch: list[tuple[list[int], list[int]]],
