@@ -145,6 +145,12 @@ class Trainer(ABC):
     """Trains a student from examples into an artifact directory, and loads it back."""
 
     Options: ClassVar[type[BaseModel]] = NoOptions
+    #: Options that say how a process serves a version rather than what the version is
+    #: (where it runs, in which precision, on which server). A version is loaded with the
+    #: options it was trained with, except these, which come from the loading process's
+    #: own config for the task's student (defaults included) when that names the same
+    #: trainer: see ``options_to_load``.
+    serving_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, options: BaseModel) -> None:
         self.options = options
@@ -170,3 +176,15 @@ class Trainer(ABC):
         example in order, the prediction of the model that never trained on it: the
         gateway calibrates on all of them, and they are what serving that input gives."""
         raise NotImplementedError(f"{type(self).__name__} does not cross-fit")
+
+
+def options_to_load(trainer_class: type[Trainer], trained_with: dict[str, Any],
+                    configured: dict[str, Any] | None) -> BaseModel:
+    """The options to load a stored version with: those it was ``trained_with``, with the
+    trainer's ``serving_options`` taken from this process's ``configured`` options (None:
+    its config names another trainer for the task, so the stored ones stand)."""
+    options = dict(trained_with)
+    if configured is not None and trainer_class.serving_options:
+        mine = trainer_class.Options.model_validate(configured).model_dump()
+        options.update({key: mine[key] for key in trainer_class.serving_options if key in mine})
+    return trainer_class.Options.model_validate(options)

@@ -154,7 +154,9 @@ class Runtime:
         self.registry = Registry(self.store.engine, settings.artifact_store())
         guards = {name: (task.policy.min_share, task.policy.min_share_window)
                   for name, task in settings.tasks.items()}
-        self.students = StudentPool(self.registry, self.plugins, self.tasks, guards)
+        students = {name: (task.student.trainer or self.tasks[name].task.default_trainer,
+                           task.student.options) for name, task in settings.tasks.items()}
+        self.students = StudentPool(self.registry, self.plugins, self.tasks, guards, students)
 
         def swapped(task: str, version: str | None) -> None:
             loaded = self.students.get(task)

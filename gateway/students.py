@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from gateway.interfaces import Deliver, Prediction, Student
+from gateway.interfaces import Deliver, Prediction, Student, options_to_load
 from gateway.plugins import Plugins
 from gateway.registry import Registry, StudentVersion
 
@@ -297,11 +297,16 @@ class StudentPool:
     """The active student of each task on this replica."""
 
     def __init__(self, registry: Registry, plugins: Plugins, tasks: dict[str, Any],
-                 guards: dict[str, tuple[float, int]] | None = None) -> None:
+                 guards: dict[str, tuple[float, int]] | None = None,
+                 students: dict[str, tuple[str | None, dict[str, Any]]] | None = None
+                 ) -> None:
         self.registry = registry
         self.plugins = plugins
         self.tasks = tasks  # name -> TaskRuntime
         self.guards = guards or {}  # name -> (policy.min_share, policy.min_share_window)
+        # name -> (trainer, options) as this replica's config gives them: the source of
+        # a version's serving options (Trainer.serving_options)
+        self.students = students or {}
         self.current: dict[str, LoadedStudent] = {}
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill-student")
         limit_blas_threads()
@@ -320,7 +325,9 @@ class StudentPool:
         """Load a version's artifact (blocking; called in the loader thread)."""
         runtime = self.tasks[version.task]
         trainer_class = self.plugins.trainers.get(version.trainer)
-        trainer = trainer_class(trainer_class.Options.model_validate(version.options))
+        named, configured = self.students.get(version.task, (None, {}))
+        trainer = trainer_class(options_to_load(
+            trainer_class, version.options, configured if named == version.trainer else None))
         directory = self.registry.local_artifact(version)  # downloaded once if remote
         student = trainer.load(directory, runtime.task)
         return LoadedStudent(

@@ -25,7 +25,15 @@ from gateway.calibration import Calibration, calibrate, naive_threshold
 from gateway.config import Settings
 from gateway.curation import curate, summary
 from gateway.feature_cache import CACHE_ENV
-from gateway.interfaces import Example, Prediction, Student, Task, Trainer, input_bucket
+from gateway.interfaces import (
+    Example,
+    Prediction,
+    Student,
+    Task,
+    Trainer,
+    input_bucket,
+    options_to_load,
+)
 from gateway.plugins import Plugins, load_plugins
 from gateway.registry import Registry, RegistryError, StudentVersion
 from gateway.runtime import TaskRuntime, build_tasks
@@ -181,9 +189,18 @@ class Workspace:
         chosen = config.options if options is None else options
         return name, trainer_class(trainer_class.Options.model_validate(chosen))
 
+    def configured_options(self, task_name: str, trainer_name: str) -> dict[str, Any] | None:
+        """This config's options for the task's student, if it names ``trainer_name``."""
+        config = self.settings.tasks[task_name].student
+        named = config.trainer or self.task(task_name).task.default_trainer
+        return config.options if named == trainer_name else None
+
     def load_student(self, version: StudentVersion) -> Student:
-        _, trainer = self.trainer(version.task, version.trainer, version.options)
-        return trainer.load(self.registry.local_artifact(version), self.task(version.task).task)
+        trainer_class = self.plugins.trainers.get(version.trainer)
+        options = options_to_load(trainer_class, version.options,
+                                  self.configured_options(version.task, version.trainer))
+        return trainer_class(options).load(self.registry.local_artifact(version),
+                                           self.task(version.task).task)
 
     def train_round(self, task_name: str, promote: str = "if-better") -> RoundResult:
         """Curate, train, evaluate and calibrate a candidate; promote it per ``promote``:

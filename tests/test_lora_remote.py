@@ -4,16 +4,25 @@ registered once, and failures that name the server."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import time
 from pathlib import Path
+from typing import Any
 
+import openai
 import pytest
 
+from gateway.app import create_app
 from gateway.testing.lora_server import LoraServer
+from gateway.testing.teacher_server import TeacherServer
+from gateway.training import Workspace
 from plugins.extract import ExtractTask
 from plugins.trainers.lora_lm import LoraLMStudent, LoraLMTrainer
 from plugins.trainers.lora_lm_remote import RemoteLoraLMStudent, StudentServerError
+from tests.conftest import make_settings
+from tests.servers import GatewayServer
 from tests.test_lora_lm import SCHEMA, extract_examples, tiny_base, tiny_options
 
 __all__ = ["tiny_base"]  # the fixture, shared with test_lora_lm
@@ -139,3 +148,83 @@ def test_answers_are_read_as_token_ids(tiny_base: Path, task: ExtractTask, artif
     plain = remote._read({"index": 0, "text": '{"intents": []}', "finish_reason": "stop",
                           "logprobs": {"tokens": ["{", "}"], "token_logprobs": [-0.2, -0.4]}})
     assert (plain.text, plain.finished, plain.min_logprob) == ('{"intents": []}', True, -0.4)
+
+
+def test_a_gateway_serves_a_stored_version_through_its_configured_server(
+        tiny_base: Path, task: ExtractTask, tmp_path: Path, teacher: TeacherServer) -> None:
+    """A version trained without a server is served through the server this replica's
+    config names (serving options are the loading process's); with the server gone, the
+    gateway still answers every request, from the teacher."""
+    teacher.responder = lambda body: '{"intents": ["refund"]}'
+    trained_with = tiny_options(tiny_base).model_dump()
+    assert trained_with["server_url"] is None
+    with LoraServer(tiny_base) as server:
+        settings = make_settings(
+            tmp_path, teacher, server={"registry_poll_s": 0.1}, loop={"enabled": False},
+            tasks={"intents": {"plugin": "extract", "options": {"json_schema": SCHEMA},
+                               "student": {"trainer": "lora-lm", "options": {
+                                   **tiny_options(tiny_base).model_dump(exclude_unset=True),
+                                   "server_url": server.url}}}})
+        registry = Workspace(settings).registry
+        version = registry.create("intents", "lora-lm", trained_with, 40, 0)
+        LoraLMTrainer(tiny_options(tiny_base)).train(
+            extract_examples(40), task, registry.partial_dir(version))
+        registry.complete(version, threshold=0.5, metrics={})
+        registry.promote("intents", version.version)
+
+        app = create_app(settings)
+        with GatewayServer(app) as gateway:
+            deadline = time.monotonic() + 30
+            while app.state.runtime.students.get("intents") is None:
+                assert time.monotonic() < deadline, "the gateway did not load the student"
+                time.sleep(0.05)
+            loaded = app.state.runtime.students.get("intents")
+            assert isinstance(loaded.student, RemoteLoraLMStudent)
+            assert server.adapters == {loaded.student.name: str(
+                registry.local_artifact(registry.get("intents", version.version)).resolve())}
+
+            client = openai.OpenAI(base_url=gateway.base_url, api_key="k", max_retries=0)
+
+            def ask(text: str) -> Any:
+                return client.chat.completions.with_raw_response.create(
+                    model="intents", messages=[{"role": "user", "content": text}])
+
+            # The tiny model's answers never parse: asked, it escalates with confidence 0.
+            asked = ask("i lost my card yesterday")
+            assert server.completion_requests == 1
+            assert asked.headers["x-distill-served-by"] == "teacher"
+            assert asked.headers["x-distill-student-version"] == version.version
+            assert float(asked.headers["x-distill-confidence"]) == 0.0
+            assert json.loads(asked.parse().choices[0].message.content or "") == {
+                "intents": ["refund"]}
+
+            server.stop()  # the server goes away: the student fails, the teacher answers
+            gone = ask("send fifty pounds to my sister")
+            assert gone.headers["x-distill-served-by"] == "teacher"
+            assert "x-distill-confidence" not in gone.headers
+            store = app.state.runtime.store
+            assert store.flush(10)
+            first = store.fetch(task_input="i lost my card yesterday")[0]
+            assert first["student_version"] == version.version
+            assert first["student_confidence"] == 0.0
+            second = store.fetch(task_input="send fifty pounds to my sister")[0]
+            assert second["served_by"] == "teacher" and second["status"] == 200
+            assert second["student_confidence"] is None
+
+
+def test_serving_options_come_from_the_loading_config() -> None:
+    from gateway.interfaces import options_to_load
+    from plugins.trainers.embedding_classifier import EmbeddingClassifierTrainer
+
+    trained_with = LoraLMTrainer.Options.model_validate(
+        {"lora_r": 4, "device": "cuda:3", "server_url": "http://old/v1"}).model_dump()
+    mine = options_to_load(LoraLMTrainer, trained_with, {"lora_r": 16, "device": "cpu"})
+    assert isinstance(mine, LoraLMTrainer.Options)
+    assert mine.lora_r == 4  # what the version is stays the version's
+    assert (mine.device, mine.server_url) == ("cpu", None)  # how it serves is this config's
+    theirs = options_to_load(LoraLMTrainer, trained_with, None)  # config names another
+    assert (theirs.device, theirs.server_url) == ("cuda:3", "http://old/v1")  # type: ignore[attr-defined]
+    # A trainer without serving options loads with exactly what it was trained with.
+    stored = EmbeddingClassifierTrainer.Options().model_dump()
+    assert options_to_load(EmbeddingClassifierTrainer, stored, {"quantize": "none"}
+                           ).model_dump() == stored

@@ -583,6 +583,8 @@ def _split(examples: list[Example], options: LoraLMOptions,
 class LoraLMTrainer(Trainer):
     Options = LoraLMOptions
     options: LoraLMOptions
+    serving_options = frozenset({"cache_dir", "device", "inference_dtype", "server_url",
+                                 "server_api_key_env", "server_timeout_s"})
 
     def train(self, examples: list[Example], task: Task, out_dir: Path) -> dict[str, Any]:
         with torch_threads(self.options.torch_threads):
@@ -728,12 +730,10 @@ class LoraLMTrainer(Trainer):
               ) -> GenerativeStudent:
         from peft import PeftModel
 
-        # The artifact's own options define the model; only where the bundled base is
-        # cached comes from this trainer (it may run on another machine).
-        # Likewise where it runs and in which dtype: this machine's choice, not the trainer's.
-        saved = dict(meta["options"], **{key: getattr(self.options, key) for key in (
-            "cache_dir", "device", "inference_dtype", "server_url", "server_api_key_env",
-            "server_timeout_s")})
+        # The artifact's own options define the model; how it is served (where the bundled
+        # base is cached, device, dtype, server) is this trainer's: the loading process's.
+        saved = dict(meta["options"], **{key: getattr(self.options, key)
+                                         for key in self.serving_options})
         opts = LoraLMOptions.model_validate(saved)
         mapping = ConfidenceMap(**meta.get("calibration", {}))
         opts = opts.model_copy(update={"system_prompt": meta.get("system_prompt",
