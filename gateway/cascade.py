@@ -33,6 +33,8 @@ from gateway.teacher import TeacherStream, Usage
 
 log = logging.getLogger("distill_gateway")
 
+STUDENT_ERROR_LOG_S = 10.0  # a failing student's traceback, at most this often per task
+
 
 @dataclass
 class Answer:
@@ -58,6 +60,8 @@ class Cascade:
         self.metrics = runtime.metrics
         self.store = runtime.store
         self.audits = Auditor(self)
+        # task -> (when a failure was last logged, failures not logged since)
+        self._student_failures: dict[str, tuple[float, int]] = {}
 
     def resolve(self, request: ChatCompletionRequest) -> TaskRuntime:
         runtime = self.runtime.resolve(request.model)
@@ -197,7 +201,8 @@ class Cascade:
         try:
             prediction = await loaded.batcher.predict(record.task_input)
         except Exception:
-            log.exception("student %s %s failed; escalating", task.name, loaded.version)
+            self.metrics.student_errors.labels(task.metric_label).inc()
+            self._log_student_failure(task.name, loaded.version)
             self._guard(loaded, False)
             return None
         record.student_version = loaded.version
@@ -211,6 +216,18 @@ class Cascade:
             return None
         loaded.stats.served += 1
         return loaded
+
+    def _log_student_failure(self, task: str, version: str) -> None:
+        """The traceback at most once per task every STUDENT_ERROR_LOG_S: a student that
+        fails (a generation server down) fails every request of every batch."""
+        now = time.monotonic()
+        last, quiet = self._student_failures.get(task, (-STUDENT_ERROR_LOG_S, 0))
+        if now - last < STUDENT_ERROR_LOG_S:
+            self._student_failures[task] = (last, quiet + 1)
+            return
+        self._student_failures[task] = (now, 0)
+        more = f" ({quiet} more failures since the last report)" if quiet else ""
+        log.exception("student %s %s failed; escalating%s", task, version, more)
 
     def _guard(self, loaded: LoadedStudent, served: bool) -> None:
         """Count the request for the share guard; a change of its state is logged and

@@ -100,6 +100,13 @@ class GatewayMetrics:
             ["task"],
             registry=r,
         )
+        self.student_errors = Counter(
+            "distill_student_errors",
+            "Requests escalated because the active student failed to predict (an exception, "
+            "e.g. its generation server is down or timed out).",
+            ["task"],
+            registry=r,
+        )
         self.student_share = Gauge(
             "distill_student_share",
             "Share of this task's answers served by the student (since start).",

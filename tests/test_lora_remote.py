@@ -5,12 +5,14 @@ registered once, and failures that name the server."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -151,7 +153,8 @@ def test_answers_are_read_as_token_ids(tiny_base: Path, task: ExtractTask, artif
 
 
 def test_a_gateway_serves_a_stored_version_through_its_configured_server(
-        tiny_base: Path, task: ExtractTask, tmp_path: Path, teacher: TeacherServer) -> None:
+        tiny_base: Path, task: ExtractTask, tmp_path: Path, teacher: TeacherServer,
+        caplog: pytest.LogCaptureFixture) -> None:
     """A version trained without a server is served through the server this replica's
     config names (serving options are the loading process's); with the server gone, the
     gateway still answers every request, from the teacher."""
@@ -199,9 +202,18 @@ def test_a_gateway_serves_a_stored_version_through_its_configured_server(
                 "intents": ["refund"]}
 
             server.stop()  # the server goes away: the student fails, the teacher answers
-            gone = ask("send fifty pounds to my sister")
+            with caplog.at_level(logging.ERROR, logger="distill_gateway"):
+                gone = ask("send fifty pounds to my sister")
+                for i in range(3):
+                    assert ask(f"i want a new pin number ({i})").status_code == 200
             assert gone.headers["x-distill-served-by"] == "teacher"
             assert "x-distill-confidence" not in gone.headers
+            # Every failure counted, the traceback logged once (not once per request).
+            metrics = httpx.get(gateway.url + "/metrics").text
+            assert 'distill_student_errors_total{task="intents"} 4.0' in metrics
+            failures = [r for r in caplog.records if "failed; escalating" in r.getMessage()]
+            assert len(failures) == 1 and failures[0].exc_info is not None
+            assert "StudentServerError" in caplog.text
             store = app.state.runtime.store
             assert store.flush(10)
             first = store.fetch(task_input="i lost my card yesterday")[0]

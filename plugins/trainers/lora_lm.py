@@ -136,7 +136,8 @@ class LoraLMOptions(BaseModel):
         "path the gateway loads it from. Not part of the artifact")
     server_api_key_env: str | None = Field(
         default=None, description="environment variable holding the server's API key")
-    server_timeout_s: float = Field(default=30.0, gt=0, description="per server request")
+    server_timeout_s: float = Field(default=10.0, gt=0, description="per server request; "
+                                    "past it the batch's requests go to the teacher")
     system_prompt: str | None = Field(
         default=None, description="system message before the task input; by default a "
         "short line chosen by the task kind (extract, rewrite)")
