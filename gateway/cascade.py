@@ -195,16 +195,18 @@ class Cascade:
         loaded = self.runtime.students.get(task.name)
         if loaded is None or record.task_input is None:
             return None
-        if not loaded.guard.ask():
+        if loaded.backoff.skips(time.monotonic()) or not loaded.guard.ask():
             self.metrics.student_passed_over.labels(task.metric_label).inc()
             return None
         try:
             prediction = await loaded.batcher.predict(record.task_input)
         except Exception:
+            loaded.backoff.failed(time.monotonic())
             self.metrics.student_errors.labels(task.metric_label).inc()
             self._log_student_failure(task.name, loaded.version)
             self._guard(loaded, False)
             return None
+        loaded.backoff.succeeded()
         record.student_version = loaded.version
         record.student_target = prediction.target
         record.student_confidence = prediction.confidence

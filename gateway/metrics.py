@@ -96,7 +96,8 @@ class GatewayMetrics:
         self.student_passed_over = Counter(
             "distill_student_passed_over",
             "Requests sent straight to the teacher without asking the active student, which "
-            "answered less than policy.min_share of the recent requests it was asked.",
+            "answered less than policy.min_share of the recent requests it was asked, or "
+            "failed a moment ago (backing off after an error).",
             ["task"],
             registry=r,
         )

@@ -207,6 +207,31 @@ class ShareGuard:
 
 
 @dataclass
+class FailureBackoff:
+    """After a student fails, requests skip it for a while: 1 s, doubling with each failed
+    retry up to 30 s, back to nothing on a success. A generation server that is down or
+    hung then costs one failed batch per period instead of every request its timeout
+    (batches run one at a time, so a hung server would otherwise queue them all)."""
+
+    first_s: float = 1.0
+    max_s: float = 30.0
+    period_s: float = 0.0
+    until: float = 0.0  # time.monotonic() before which the student is skipped
+
+    def skips(self, now: float) -> bool:
+        return now < self.until
+
+    def failed(self, now: float) -> None:
+        if now < self.until:
+            return  # the other requests of a batch that failed together
+        self.period_s = min(self.max_s, 2 * self.period_s if self.period_s else self.first_s)
+        self.until = now + self.period_s
+
+    def succeeded(self) -> None:
+        self.period_s = self.until = 0.0
+
+
+@dataclass
 class LoadedStudent:
     task: str
     version: str
@@ -216,6 +241,7 @@ class LoadedStudent:
     held_out: tuple[list[float], list[bool]] | None = None
     stats: LiveStats = field(default_factory=LiveStats)
     guard: ShareGuard = field(default_factory=ShareGuard)
+    backoff: FailureBackoff = field(default_factory=FailureBackoff)
 
     def serves(self, prediction: Prediction) -> bool:
         return (

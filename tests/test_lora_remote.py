@@ -204,13 +204,23 @@ def test_a_gateway_serves_a_stored_version_through_its_configured_server(
             server.stop()  # the server goes away: the student fails, the teacher answers
             with caplog.at_level(logging.ERROR, logger="distill_gateway"):
                 gone = ask("send fifty pounds to my sister")
+                # After the failure the student is skipped for a while (1 s by default;
+                # longer here, so that a slow machine cannot end it mid-test).
+                assert loaded.backoff.skips(time.monotonic())
+                loaded.backoff.until = time.monotonic() + 60
                 for i in range(3):
-                    assert ask(f"i want a new pin number ({i})").status_code == 200
+                    skipped = ask(f"i want a new pin number ({i})")
+                    assert skipped.headers["x-distill-served-by"] == "teacher"
+                    assert "x-distill-student-version" not in skipped.headers
+                loaded.backoff.until = 0.0  # the period is over: asked (and failing) again
+                assert ask("how much money is in my account").status_code == 200
             assert gone.headers["x-distill-served-by"] == "teacher"
             assert "x-distill-confidence" not in gone.headers
-            # Every failure counted, the traceback logged once (not once per request).
             metrics = httpx.get(gateway.url + "/metrics").text
-            assert 'distill_student_errors_total{task="intents"} 4.0' in metrics
+            assert 'distill_student_errors_total{task="intents"} 2.0' in metrics
+            assert 'distill_student_passed_over_total{task="intents"} 3.0' in metrics
+            assert loaded.backoff.period_s == 2.0  # doubled by the failed retry
+            # The traceback logged once, not once per failed request.
             failures = [r for r in caplog.records if "failed; escalating" in r.getMessage()]
             assert len(failures) == 1 and failures[0].exc_info is not None
             assert "StudentServerError" in caplog.text
@@ -240,3 +250,23 @@ def test_serving_options_come_from_the_loading_config() -> None:
     stored = EmbeddingClassifierTrainer.Options().model_dump()
     assert options_to_load(EmbeddingClassifierTrainer, stored, {"quantize": "none"}
                            ).model_dump() == stored
+
+
+def test_failure_backoff_doubles_and_resets() -> None:
+    from gateway.students import FailureBackoff
+
+    backoff = FailureBackoff()
+    assert not backoff.skips(100.0)
+    backoff.failed(100.0)
+    assert backoff.skips(100.5) and not backoff.skips(101.0)
+    backoff.failed(100.2)  # another request of the batch that failed: no extra period
+    assert backoff.until == 101.0
+    backoff.failed(101.0)  # the retry after the period failed too: twice as long
+    assert (backoff.period_s, backoff.until) == (2.0, 103.0)
+    for now in range(103, 300, 31):
+        backoff.failed(float(now))
+    assert backoff.period_s == backoff.max_s == 30.0
+    backoff.succeeded()
+    assert not backoff.skips(0.0) and backoff.period_s == 0.0
+    backoff.failed(500.0)
+    assert backoff.until == 501.0  # a new run of failures starts short again
