@@ -78,6 +78,12 @@ def test_remote_student_answers_as_the_local_one(
     assert len(server.adapters) == 1
     assert again.predict(inputs[:2]) == predictions[:2]
 
+    # A restarted server has forgotten its runtime adapters: registered again, retried.
+    server.unload_adapter({"lora_name": remote.name})
+    assert server.adapters == {}
+    assert remote.predict(inputs[:2]) == predictions[:2]
+    assert server.adapters == {remote.name: str(artifact.resolve())}
+
 
 def test_each_artifact_is_its_own_adapter(
         tiny_base: Path, task: ExtractTask, artifact: Path, server: LoraServer,

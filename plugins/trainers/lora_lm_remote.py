@@ -10,6 +10,8 @@ local student builds them, and the answers come back as token ids
 confidence statistic are the ones the adapter was calibrated with.
 
 A failing server fails the batch; the cascade then escalates its requests to the teacher.
+A server that answers 404 for the adapter (restarted, so its runtime adapters are gone)
+gets it registered again and the batch retried once.
 Versions are registered under ``<task>-<version>-<digest of the artifact path>``;
 nothing is unloaded when a version retires (vLLM keeps ``--max-loras`` adapters on the
 GPU and evicts the least recently used ones).
@@ -43,6 +45,10 @@ TOKEN_ID_PREFIX = "token_id:"
 class StudentServerError(RuntimeError):
     """The LoRA server refused or failed a request; the message says which and why."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status, None when no answer came
+
 
 def adapter_name(task: Task, artifact_dir: Path) -> str:
     """A name per artifact: a version staged for evaluation and the same version published
@@ -72,8 +78,13 @@ class RemoteLoraLMStudent(GenerativeStudent):
                                  f"${options.server_api_key_env} is not set")
             headers["authorization"] = f"Bearer {key}"
         self.client = httpx.Client(headers=headers, timeout=options.server_timeout_s)
-        self._post("/load_lora_adapter",
-                   {"lora_name": self.name, "lora_path": str(artifact_dir.resolve())},
+        self.path = str(artifact_dir.resolve())
+        self.register()
+
+    def register(self) -> None:
+        """Load the adapter on the server (loaded already, by another replica or an earlier
+        start, is fine)."""
+        self._post("/load_lora_adapter", {"lora_name": self.name, "lora_path": self.path},
                    already_done="already")
 
     def _post(self, path: str, body: dict[str, Any], already_done: str | None = None
@@ -87,13 +98,13 @@ class RemoteLoraLMStudent(GenerativeStudent):
         # Loading an adapter that is loaded already (another replica, a restart) is fine.
         if response.is_error and not (already_done and already_done in response.text):
             raise StudentServerError(f"LoRA server {url} answered {response.status_code}: "
-                                     f"{response.text[:500]}")
+                                     f"{response.text[:500]}", response.status_code)
         return response
 
     def generate(self, inputs: list[str]) -> list[Generated]:
         if not inputs:
             return []
-        response = self._post("/completions", {
+        body = {
             "model": self.name,
             "prompt": [self.encoder.prompt(text) for text in inputs],
             "max_tokens": self.options.max_new_tokens,
@@ -101,7 +112,15 @@ class RemoteLoraLMStudent(GenerativeStudent):
             "logprobs": 1,
             "stop_token_ids": [self.encoder.eos_id],
             "return_tokens_as_token_ids": True,
-        })
+        }
+        try:
+            response = self._post("/completions", body)
+        except StudentServerError as exc:
+            if exc.status != 404:
+                raise
+            # "The model does not exist": the server restarted and forgot runtime adapters.
+            self.register()
+            response = self._post("/completions", body)
         try:
             choices = sorted(response.json()["choices"], key=lambda c: c["index"])
             out = [self._read(choice) for choice in choices]
