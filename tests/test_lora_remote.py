@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from pydantic import ValidationError
 
 from gateway.app import create_app
 from gateway.testing.lora_server import LoraServer
@@ -118,6 +119,8 @@ def test_server_failures_are_named(tiny_base: Path, task: ExtractTask, artifact:
     with pytest.raises(StudentServerError, match=gone):
         student.predict(["i lost my card"])
 
+    with pytest.raises(ValidationError, match="server_url must be an http"):
+        tiny_options(tiny_base, server_url="vllm:8000/v1")
     monkeypatch.delenv("DISTILL_TEST_LORA_KEY", raising=False)
     keyed = LoraLMTrainer(tiny_options(tiny_base, server_url=url,
                                        server_api_key_env="DISTILL_TEST_LORA_KEY"))
