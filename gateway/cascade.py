@@ -200,13 +200,14 @@ class Cascade:
             return None
         try:
             prediction = await loaded.batcher.predict(record.task_input)
-        except Exception:
-            loaded.backoff.failed(time.monotonic())
-            self.metrics.student_errors.labels(task.metric_label).inc()
-            self._log_student_failure(task.name, loaded.version)
-            self._guard(loaded, False)
+        except Exception as exc:
+            self._student_failed(loaded, exc)
             return None
-        loaded.backoff.succeeded()
+        if loaded.backoff.period_s:  # it had failed: recovered
+            loaded.backoff.succeeded()
+            self._store_event(loaded.task, "student_recovered",
+                              f"student {loaded.version} answers again after failing",
+                              {"version": loaded.version})
         record.student_version = loaded.version
         record.student_target = prediction.target
         record.student_confidence = prediction.confidence
@@ -218,6 +219,22 @@ class Cascade:
             return None
         loaded.stats.served += 1
         return loaded
+
+    def _student_failed(self, loaded: LoadedStudent, error: Exception) -> None:
+        """Count the failure, back off from the student, and tell: the first failure of a
+        run is stored as an event (``distill-gateway status`` shows it), the traceback
+        logged at most every STUDENT_ERROR_LOG_S."""
+        first = not loaded.backoff.period_s
+        loaded.backoff.failed(time.monotonic())
+        self.metrics.student_errors.labels(loaded.task).inc()
+        self._log_student_failure(loaded.task, loaded.version)
+        self._guard(loaded, False)
+        if first:
+            self._store_event(loaded.task, "student_failing", (
+                f"student {loaded.version} failed ({type(error).__name__}: {error}); its "
+                f"requests go to the teacher, and it is asked again after "
+                f"{loaded.backoff.period_s:g} s, twice as long after each failed retry"),
+                {"version": loaded.version, "error": str(error)[:500]})
 
     def _log_student_failure(self, task: str, version: str) -> None:
         """The traceback at most once per task every STUDENT_ERROR_LOG_S: a student that
@@ -251,8 +268,12 @@ class Cascade:
             kind = "student_asked_again"
             message = (f"student {loaded.version} answers again ({guard.served} of the last "
                        f"{guard.seen}): asking it every request")
+        self._store_event(loaded.task, kind, message, details)
+
+    def _store_event(self, task: str, kind: str, message: str, details: dict[str, Any]) -> None:
+        """Store (and log) an event off the event loop."""
         asyncio.get_running_loop().run_in_executor(
-            None, record_event, self.store.engine, loaded.task, kind, message, details
+            None, record_event, self.store.engine, task, kind, message, details
         )
 
     def _serve_student(

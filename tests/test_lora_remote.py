@@ -18,6 +18,7 @@ import pytest
 from pydantic import ValidationError
 
 from gateway.app import create_app
+from gateway.events import recent_events
 from gateway.testing.lora_server import LoraServer
 from gateway.testing.teacher_server import TeacherServer
 from gateway.training import Workspace
@@ -233,6 +234,25 @@ def test_a_gateway_serves_a_stored_version_through_its_configured_server(
             failures = [r for r in caplog.records if "failed; escalating" in r.getMessage()]
             assert len(failures) == 1 and failures[0].exc_info is not None
             assert "StudentServerError" in caplog.text
+            # The server comes back, restarted: it no longer knows the adapter (404), which
+            # is registered again; the student answers, and both turns are stored events.
+            port = int(server.url.rsplit(":", 1)[1].split("/")[0])
+            with LoraServer(tiny_base, port=port) as restarted:
+                loaded.backoff.until = 0.0
+                back = ask("the shop never refunded me")
+                assert back.headers["x-distill-student-version"] == version.version
+                assert restarted.adapters == {loaded.student.name: server.adapters[
+                    loaded.student.name]}
+            assert loaded.backoff.period_s == 0.0
+            deadline = time.monotonic() + 10
+            while len(recent_events(app.state.runtime.store.engine, "intents")) < 2:
+                assert time.monotonic() < deadline, "the events were not stored"
+                time.sleep(0.05)
+            recovered, failing = recent_events(app.state.runtime.store.engine, "intents")[:2]
+            assert recovered["kind"] == "student_recovered"
+            assert failing["kind"] == "student_failing"
+            assert "StudentServerError" in failing["message"] and "after 1 s" in failing["message"]
+            assert failing["details"]["version"] == version.version
             store = app.state.runtime.store
             assert store.flush(10)
             first = store.fetch(task_input="i lost my card yesterday")[0]
