@@ -386,8 +386,10 @@ def test_smollm2_learns_disfl_qa(tmp_path: Path) -> None:
     from plugins.trainers.lora_lm_remote import RemoteLoraLMStudent
 
     with LoraServer(resolve_base(options)) as server, torch_threads(1):
-        remote = LoraLMTrainer(options.model_copy(update={"server_url": server.url})).load(
-            tmp_path / "artifact", task)
+        # The stand-in generates one prompt at a time on the CPU: 20 take longer than the
+        # default timeout, which is sized for a GPU server.
+        remote = LoraLMTrainer(options.model_copy(update={
+            "server_url": server.url, "server_timeout_s": 600.0})).load(tmp_path / "artifact", task)
         assert isinstance(remote, RemoteLoraLMStudent)
         served = remote.predict(inputs)
     assert [p.target for p in served] == [p.target for p in predictions]
