@@ -120,6 +120,17 @@ def test_server_failures_are_named(tiny_base: Path, task: ExtractTask, artifact:
     with pytest.raises(StudentServerError, match=gone):
         student.predict(["i lost my card"])
 
+    # A server that does not answer in server_timeout_s: the batch fails then, not later.
+    with LoraServer(tiny_base) as slow:
+        student = LoraLMTrainer(tiny_options(tiny_base, server_url=slow.url,
+                                             server_timeout_s=0.5)).load(artifact, task)
+        slow.delay_s = 5.0
+        started = time.monotonic()
+        with pytest.raises(StudentServerError, match="completions: ReadTimeout"):
+            student.predict(["i lost my card"])
+        assert time.monotonic() - started < 3.0
+        slow.delay_s = 0.0
+
     with pytest.raises(ValidationError, match="server_url must be an http"):
         tiny_options(tiny_base, server_url="vllm:8000/v1")
     monkeypatch.delenv("DISTILL_TEST_LORA_KEY", raising=False)

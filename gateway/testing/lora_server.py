@@ -22,6 +22,7 @@ import contextlib
 import json
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -51,6 +52,7 @@ class LoraServer:
         self.peft: Any = None  # the PeftModel once an adapter is loaded
         self.adapters: dict[str, str] = {}
         self.completion_requests = 0
+        self.delay_s = 0.0  # before each completion: a slow or hung server, for tests
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()  # one generation at a time; adapters switch per call
         self._http = ThreadingHTTPServer((host, port), self._handler())
@@ -122,6 +124,7 @@ class LoraServer:
         prompts: list[Any] = (prompt if isinstance(prompt, list) and prompt
                               and not isinstance(prompt[0], int) else [prompt])
         self.completion_requests += 1
+        time.sleep(self.delay_s)
         choices = [self._complete(index, p, model, body) for index, p in enumerate(prompts)]
         return {"id": f"cmpl-{self.completion_requests}", "object": "text_completion",
                 "model": model, "choices": choices}
