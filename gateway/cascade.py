@@ -228,7 +228,8 @@ class Cascade:
         loaded.backoff.failed(time.monotonic())
         self.metrics.student_errors.labels(loaded.task).inc()
         self._log_student_failure(loaded.task, loaded.version)
-        self._guard(loaded, False)
+        # Not counted by the share guard: a failure says nothing of the share the student
+        # answers, and counted it would keep a recovered student passed over.
         if first:
             self._store_event(loaded.task, "student_failing", (
                 f"student {loaded.version} failed ({type(error).__name__}: {error}); its "

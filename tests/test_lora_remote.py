@@ -255,6 +255,8 @@ def test_a_gateway_serves_a_stored_version_through_its_configured_server(
                 assert restarted.adapters == {loaded.student.name: server.adapters[
                     loaded.student.name]}
             assert loaded.backoff.period_s == 0.0
+            # The share guard counted the two requests that got an answer, not the failures.
+            assert loaded.guard.seen == 2 and loaded.guard.served == 0
             deadline = time.monotonic() + 10
             while len(recent_events(app.state.runtime.store.engine, "intents")) < 2:
                 assert time.monotonic() < deadline, "the events were not stored"
