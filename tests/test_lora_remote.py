@@ -32,6 +32,12 @@ from tests.test_lora_lm import SCHEMA, extract_examples, tiny_base, tiny_options
 __all__ = ["tiny_base"]  # the fixture, shared with test_lora_lm
 
 
+def remote_options(base: Path, url: str, **overrides: Any) -> Any:
+    """The tiny model's options generating on the stand-in server, which decodes one prompt
+    at a time on the CPU: on a busy machine a batch outlasts the 10 s default timeout."""
+    return tiny_options(base, server_url=url, **{"server_timeout_s": 300.0, **overrides})
+
+
 @pytest.fixture(scope="module")
 def task() -> ExtractTask:
     return ExtractTask("intents", ExtractTask.Options.model_validate({"json_schema": SCHEMA}))
@@ -54,7 +60,7 @@ def server(tiny_base: Path):  # type: ignore[no-untyped-def]
 def test_remote_student_answers_as_the_local_one(
         tiny_base: Path, task: ExtractTask, artifact: Path, server: LoraServer) -> None:
     local = LoraLMTrainer(tiny_options(tiny_base, device="cpu")).load(artifact, task)
-    remote = LoraLMTrainer(tiny_options(tiny_base, server_url=server.url)).load(artifact, task)
+    remote = LoraLMTrainer(remote_options(tiny_base, server.url)).load(artifact, task)
     assert isinstance(local, LoraLMStudent)
     assert isinstance(remote, RemoteLoraLMStudent)
     assert server.adapters == {remote.name: str(artifact.resolve())}
@@ -75,7 +81,7 @@ def test_remote_student_answers_as_the_local_one(
     assert remote.predict([]) == []
 
     # Another replica loading the same version finds the adapter there already.
-    again = LoraLMTrainer(tiny_options(tiny_base, server_url=server.url)).load(artifact, task)
+    again = LoraLMTrainer(remote_options(tiny_base, server.url)).load(artifact, task)
     assert isinstance(again, RemoteLoraLMStudent) and again.name == remote.name
     assert len(server.adapters) == 1
     assert again.predict(inputs[:2]) == predictions[:2]
@@ -93,7 +99,7 @@ def test_each_artifact_is_its_own_adapter(
     # The same version staged elsewhere (a round's evaluation) is another adapter.
     copy = tmp_path / "intents" / "v0001"
     shutil.copytree(artifact, copy)
-    options = tiny_options(tiny_base, server_url=server.url)
+    options = remote_options(tiny_base, server.url)
     first = LoraLMTrainer(options).load(artifact, task)
     second = LoraLMTrainer(options).load(copy, task)
     assert isinstance(first, RemoteLoraLMStudent) and isinstance(second, RemoteLoraLMStudent)
@@ -110,7 +116,7 @@ def test_server_failures_are_named(tiny_base: Path, task: ExtractTask, artifact:
         broken = tmp_path / "intents" / "v0002"
         shutil.copytree(artifact, broken)
         (broken / "adapter_config.json").unlink()
-        trainer = LoraLMTrainer(tiny_options(tiny_base, server_url=server.url))
+        trainer = LoraLMTrainer(remote_options(tiny_base, server.url))
         with pytest.raises(StudentServerError, match=r"answered 400: .*No adapter found"):
             trainer.load(broken, task)
         student = trainer.load(artifact, task)
@@ -144,7 +150,7 @@ def test_answers_are_read_as_token_ids(tiny_base: Path, task: ExtractTask, artif
                                        server: LoraServer) -> None:
     """vLLM's completions choice with ``return_tokens_as_token_ids``: the text is decoded
     here up to the end-of-sequence token, whose log-probability counts, as locally."""
-    remote = LoraLMTrainer(tiny_options(tiny_base, server_url=server.url)).load(artifact, task)
+    remote = LoraLMTrainer(remote_options(tiny_base, server.url)).load(artifact, task)
     assert isinstance(remote, RemoteLoraLMStudent)
     tokenizer = remote.encoder.tokenizer
     answer = list(tokenizer('{"intents": ["refund"]}', add_special_tokens=False)["input_ids"])
@@ -188,7 +194,7 @@ def test_a_gateway_serves_a_stored_version_through_its_configured_server(
             tasks={"intents": {"plugin": "extract", "options": {"json_schema": SCHEMA},
                                "student": {"trainer": "lora-lm", "options": {
                                    **tiny_options(tiny_base).model_dump(exclude_unset=True),
-                                   "server_url": server.url}}}})
+                                   "server_url": server.url, "server_timeout_s": 300}}}})
         registry = Workspace(settings).registry
         version = registry.create("intents", "lora-lm", trained_with, 40, 0)
         LoraLMTrainer(tiny_options(tiny_base)).train(
