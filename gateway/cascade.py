@@ -203,7 +203,7 @@ class Cascade:
         except Exception as exc:
             self._student_failed(loaded, exc)
             return None
-        if loaded.backoff.period_s:  # it had failed: recovered
+        if loaded.backoff.failing:  # and now answered: recovered
             loaded.backoff.succeeded()
             self._store_event(loaded.task, "student_recovered",
                               f"student {loaded.version} answers again after failing",
@@ -224,7 +224,7 @@ class Cascade:
         """Count the failure, back off from the student, and tell: the first failure of a
         run is stored as an event (``distill-gateway status`` shows it), the traceback
         logged at most every STUDENT_ERROR_LOG_S."""
-        first = not loaded.backoff.period_s
+        first = not loaded.backoff.failing
         loaded.backoff.failed(time.monotonic())
         self.metrics.student_errors.labels(loaded.task).inc()
         self._log_student_failure(loaded.task, loaded.version)

@@ -53,6 +53,11 @@ class TaskRuntime:
         self.metric_label = self.name if self.name is not None else "(passthrough)"
 
 
+def configured_trainer(settings: Settings, name: str, task: Task) -> str | None:
+    """The trainer of task ``name``'s student: the config's, else the task plugin's default."""
+    return settings.tasks[name].student.trainer or task.default_trainer
+
+
 def _check_student(name: str, student: StudentConfig, default: str | None,
                    plugins: Plugins) -> None:
     """A misspelt trainer or a bad trainer option is a config error at start-up, not a
@@ -154,7 +159,7 @@ class Runtime:
         self.registry = Registry(self.store.engine, settings.artifact_store())
         guards = {name: (task.policy.min_share, task.policy.min_share_window)
                   for name, task in settings.tasks.items()}
-        students = {name: (task.student.trainer or self.tasks[name].task.default_trainer,
+        students = {name: (configured_trainer(settings, name, self.tasks[name].task),
                            task.student.options) for name, task in settings.tasks.items()}
         self.students = StudentPool(self.registry, self.plugins, self.tasks, guards, students)
 
@@ -176,7 +181,7 @@ class Runtime:
         return [
             name
             for name, runtime in self.tasks.items()
-            if (self.settings.tasks[name].student.trainer or runtime.task.default_trainer)
+            if configured_trainer(self.settings, name, runtime.task)
             in self.plugins.trainers
         ]
 

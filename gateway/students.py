@@ -218,6 +218,11 @@ class FailureBackoff:
     period_s: float = 0.0
     until: float = 0.0  # time.monotonic() before which the student is skipped
 
+    @property
+    def failing(self) -> bool:
+        """In a run of failures (a success ends it)."""
+        return self.period_s > 0
+
     def skips(self, now: float) -> bool:
         return now < self.until
 

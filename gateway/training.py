@@ -36,7 +36,7 @@ from gateway.interfaces import (
 )
 from gateway.plugins import Plugins, load_plugins
 from gateway.registry import Registry, RegistryError, StudentVersion
-from gateway.runtime import TaskRuntime, build_tasks
+from gateway.runtime import TaskRuntime, build_tasks, configured_trainer
 from gateway.store import database
 from gateway.store.tables import exchanges
 from gateway.students import write_held_out
@@ -179,8 +179,8 @@ class Workspace:
         self, task_name: str, trainer_name: str | None = None, options: dict[str, Any] | None = None
     ) -> tuple[str, Trainer]:
         config = self.settings.tasks[task_name].student
-        task = self.task(task_name).task
-        name = trainer_name or config.trainer or task.default_trainer
+        name = trainer_name or configured_trainer(self.settings, task_name,
+                                                  self.task(task_name).task)
         if name is None:
             raise TrainingError(
                 f"task {task_name!r}: no trainer configured (tasks.{task_name}.student.trainer)"
@@ -191,9 +191,8 @@ class Workspace:
 
     def configured_options(self, task_name: str, trainer_name: str) -> dict[str, Any] | None:
         """This config's options for the task's student, if it names ``trainer_name``."""
-        config = self.settings.tasks[task_name].student
-        named = config.trainer or self.task(task_name).task.default_trainer
-        return config.options if named == trainer_name else None
+        named = configured_trainer(self.settings, task_name, self.task(task_name).task)
+        return self.settings.tasks[task_name].student.options if named == trainer_name else None
 
     def load_student(self, version: StudentVersion) -> Student:
         trainer_class = self.plugins.trainers.get(version.trainer)
